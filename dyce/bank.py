@@ -1,0 +1,142 @@
+"""The configuration bank: one searched configuration per lambda, with its expected accuracy
+and MACs, tied to the exact backbone and exit weights it was searched for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .config import ExitConfiguration
+from .macs import MacTable
+
+SCHEMA_VERSION = 1
+
+
+class BankMismatchError(ValueError):
+    """The bank was searched for other backbone or exit weights than the ones loaded."""
+
+
+class BackboneIdentity(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    weights_sha256: str
+
+
+class ExitIdentity(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    position: int
+    index: int
+    kind: str
+    sha256: str
+
+
+class SplitMetrics(BaseModel):
+    """Simulated figures of a configuration on one data split."""
+
+    model_config = ConfigDict(frozen=True)
+
+    accuracy: float = Field(ge=0, le=1)
+    relative_accuracy: float = Field(ge=0, description="A of eq. 10: accuracy / original accuracy")
+    relative_macs: float = Field(ge=0, description="C of eq. 11")
+    exit_rates: tuple[float, ...]
+
+
+class BankEntry(BaseModel):
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    lam: float = Field(alias="lambda", ge=0, le=1)
+    algorithm: str
+    config: ExitConfiguration
+    search: SplitMetrics
+    test: SplitMetrics | None = None
+    dominated: bool = Field(False, description="another entry is at least as accurate and cheaper (on search)")
+
+    @property
+    def config_id(self) -> str:
+        return self.config.config_id
+
+
+class Bank(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    backbone: BackboneIdentity
+    exits: tuple[ExitIdentity, ...]
+    num_candidates: tuple[int, ...]
+    macs: MacTable
+    original_accuracy: dict[str, float] = Field(description="plain backbone accuracy per split")
+    entries: tuple[BankEntry, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Bank:
+        if self.macs.num_positions != len(self.num_candidates):
+            raise ValueError("MAC table and num_candidates disagree on the number of positions")
+        declared = {(e.position, e.index) for e in self.exits}
+        for i, entry in enumerate(self.entries):
+            try:
+                entry.config.check_candidates(self.num_candidates)
+            except ValueError as err:
+                raise ValueError(f"entry {i}: {err}") from None
+            for n, k in enumerate(entry.config.exits[:-1]):
+                if k and (n, k) not in declared:
+                    raise ValueError(f"entry {i} uses exit ({n}, {k}) which the bank does not identify")
+        return self
+
+    @property
+    def num_positions(self) -> int:
+        return len(self.num_candidates)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Bank:
+        return cls.model_validate_json(Path(path).read_text())
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(by_alias=True, indent=1))
+
+    def check_matches(self, backbone: BackboneIdentity, exits: list[ExitIdentity] | tuple[ExitIdentity, ...]) -> None:
+        if backbone != self.backbone:
+            raise BankMismatchError(
+                f"bank was searched for backbone {self.backbone.name} (weights {self.backbone.weights_sha256[:12]}), "
+                f"loaded is {backbone.name} (weights {backbone.weights_sha256[:12]})"
+            )
+        loaded = {(e.position, e.index): e for e in exits}
+        for needed in self.exits:
+            have = loaded.get((needed.position, needed.index))
+            if have != needed:
+                got = "missing" if have is None else f"{have.kind} {have.sha256[:12]}"
+                raise BankMismatchError(
+                    f"bank needs exit {needed.kind} at position {needed.position} (k={needed.index}, "
+                    f"weights {needed.sha256[:12]}), loaded: {got}"
+                )
+
+    # Selection, shared by admin switches, per-request tiers and the autoswitcher.
+    def frontier(self) -> list[int]:
+        """Indices of non-dominated entries, cheapest first."""
+        return sorted((i for i, e in enumerate(self.entries) if not e.dominated),
+                      key=lambda i: self.entries[i].search.relative_macs)
+
+    def most_accurate(self) -> int:
+        return max(range(len(self.entries)), key=lambda i: (self.entries[i].search.accuracy,
+                                                             -self.entries[i].search.relative_macs))
+
+    def nearest_lambda(self, lam: float) -> int:
+        return min(range(len(self.entries)), key=lambda i: (abs(self.entries[i].lam - lam),
+                                                            -self.entries[i].search.accuracy))
+
+    def within_macs(self, max_relative_macs: float) -> int | None:
+        """Most accurate entry whose expected MACs fit the budget (None if none does)."""
+        fitting = [i for i, e in enumerate(self.entries) if e.search.relative_macs <= max_relative_macs]
+        return max(fitting, key=lambda i: (self.entries[i].search.accuracy,
+                                           -self.entries[i].search.relative_macs), default=None)
+
+    def reaching_accuracy(self, min_accuracy: float) -> int | None:
+        """Cheapest entry whose expected accuracy is at least ``min_accuracy`` (None if none)."""
+        reaching = [i for i, e in enumerate(self.entries) if e.search.accuracy >= min_accuracy]
+        return min(reaching, key=lambda i: (self.entries[i].search.relative_macs,
+                                            -self.entries[i].search.accuracy), default=None)
