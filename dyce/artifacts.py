@@ -124,7 +124,7 @@ def load_exits(layout: ArtifactLayout) -> tuple[ExitSet, ExitManifest]:
     for entry in manifest.exits:
         module = build_exit(entry.kind, entry.in_channels, entry.num_classes)
         prefix = f"{entry.position}.{entry.index}."
-        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
         if state_dict_sha256(module) != entry.sha256:
             raise ValueError(f"exit ({entry.position}, {entry.index}) weights do not match their manifest hash")
         modules.append(module.eval())

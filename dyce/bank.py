@@ -118,25 +118,36 @@ class Bank(BaseModel):
     # Selection, shared by admin switches, per-request tiers and the autoswitcher.
     def frontier(self) -> list[int]:
         """Indices of non-dominated entries, cheapest first."""
-        return sorted((i for i, e in enumerate(self.entries) if not e.dominated),
-                      key=lambda i: self.entries[i].search.relative_macs)
+        return sorted(
+            (i for i, e in enumerate(self.entries) if not e.dominated),
+            key=lambda i: self.entries[i].search.relative_macs,
+        )
 
     def most_accurate(self) -> int:
-        return max(range(len(self.entries)), key=lambda i: (self.entries[i].search.accuracy,
-                                                             -self.entries[i].search.relative_macs))
+        return max(
+            range(len(self.entries)),
+            key=lambda i: (self.entries[i].search.accuracy, -self.entries[i].search.relative_macs),
+        )
 
     def nearest_lambda(self, lam: float) -> int:
-        return min(range(len(self.entries)), key=lambda i: (abs(self.entries[i].lam - lam),
-                                                            -self.entries[i].search.accuracy))
+        return min(
+            range(len(self.entries)), key=lambda i: (abs(self.entries[i].lam - lam), -self.entries[i].search.accuracy)
+        )
 
     def within_macs(self, max_relative_macs: float) -> int | None:
         """Most accurate entry whose expected MACs fit the budget (None if none does)."""
         fitting = [i for i, e in enumerate(self.entries) if e.search.relative_macs <= max_relative_macs]
-        return max(fitting, key=lambda i: (self.entries[i].search.accuracy,
-                                           -self.entries[i].search.relative_macs), default=None)
+        return max(
+            fitting,
+            key=lambda i: (self.entries[i].search.accuracy, -self.entries[i].search.relative_macs),
+            default=None,
+        )
 
     def reaching_accuracy(self, min_accuracy: float) -> int | None:
         """Cheapest entry whose expected accuracy is at least ``min_accuracy`` (None if none)."""
         reaching = [i for i, e in enumerate(self.entries) if e.search.accuracy >= min_accuracy]
-        return min(reaching, key=lambda i: (self.entries[i].search.relative_macs,
-                                            -self.entries[i].search.accuracy), default=None)
+        return min(
+            reaching,
+            key=lambda i: (self.entries[i].search.relative_macs, -self.entries[i].search.accuracy),
+            default=None,
+        )

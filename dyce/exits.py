@@ -103,7 +103,11 @@ class ExitSet(nn.Module):
 
     @classmethod
     def build(
-        cls, position_channels: Sequence[int], num_classes: int, kinds: Sequence[str], positions: Sequence[int] | None = None
+        cls,
+        position_channels: Sequence[int],
+        num_classes: int,
+        kinds: Sequence[str],
+        positions: Sequence[int] | None = None,
     ) -> ExitSet:
         """Fresh candidates of every ``kind`` at every early position (or just ``positions``)."""
         num_positions = len(position_channels)

@@ -14,9 +14,7 @@ def segment_convnext(name: str, model: models.ConvNeXt, input_spec: InputSpec) -
     segments: list[nn.Module] = []
     pending: list[nn.Module] = []  # stem / downsampling layers waiting for the next block
     for stage in model.features:
-        is_block_stage = isinstance(stage, nn.Sequential) and all(
-            isinstance(m, models.convnext.CNBlock) for m in stage
-        )
+        is_block_stage = isinstance(stage, nn.Sequential) and all(isinstance(m, models.convnext.CNBlock) for m in stage)
         if not is_block_stage:
             pending.append(stage)
             continue
