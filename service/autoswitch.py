@@ -1,0 +1,255 @@
+"""Load-driven tier selection.
+
+Cost model per configuration: an executor call on ``b`` images takes ``overhead + b * per_image``
+seconds. ``overhead`` (Python, dispatch) is shared; ``per_image`` is calibrated per tier at
+start-up and then follows live batches with an exponentially weighted moving average, so it
+tracks the real input mix and a busier CPU. Capacity = images per second at full batches.
+
+Every tick the switcher compares the arrival rate of the last window with each tier's
+capacity and picks the most accurate tier that runs below the target utilisation and whose
+full batch fits in half the SLO. A tier is left downward as soon as it is overloaded (or its
+queue wait p95 passes half the SLO, which means its estimate is too optimistic) after a
+short dwell, and climbed to only with extra headroom (hysteresis) after a longer dwell, so
+steady load never flaps. A manual pin turns it off; admission control keeps the queue
+shorter than what the active tier can drain within the SLO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dyce.config import ExitConfiguration
+
+from .batcher import BatchReport
+from .errors import QueueFull
+from .runtime import ActiveTier, ModelRuntime, Tier, TierState
+from .settings import Settings
+
+log = logging.getLogger("dyce.service.autoswitch")
+
+EWMA_ALPHA = 0.2
+GUARD_PENALTY = 1.25  # a tier that missed its queue-wait budget is trusted this much less
+
+
+@dataclass
+class CostEstimate:
+    per_image_s: float
+    samples: int = 0
+
+
+class CostModel:
+    def __init__(self, overhead_s: float, per_image: dict[ExitConfiguration, float]) -> None:
+        self.overhead_s = overhead_s
+        self.estimates = {config: CostEstimate(cost) for config, cost in per_image.items()}
+
+    @classmethod
+    def calibrate(cls, runtime: ModelRuntime, tiers: list[Tier], batch: int, rounds: int) -> CostModel:
+        """Time every tier at batch 1 and at ``batch`` on fixed random inputs (median of ``rounds``)."""
+        generator = torch.Generator().manual_seed(1)
+        one = torch.randn(1, *runtime.input_shape, generator=generator)
+        full = torch.randn(batch, *runtime.input_shape, generator=generator)
+
+        def timed(images: torch.Tensor, config: ExitConfiguration) -> float:
+            times = []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                runtime.run(images, config)
+                times.append(time.perf_counter() - start)
+            return float(np.median(times))
+
+        overheads, per_image = [], {}
+        for tier in tiers:
+            t_one, t_full = timed(one, tier.config), timed(full, tier.config)
+            slope = max((t_full - t_one) / max(batch - 1, 1), 1e-7)
+            overheads.append(max(t_one - slope, 0.0))
+            per_image[tier.config] = slope if batch > 1 else t_one
+        overhead = float(np.median(overheads)) if batch > 1 else 0.0
+        for tier in tiers:
+            log.info(
+                "calibrated tier %d (lambda %.4g): %.3f ms/image, overhead %.3f ms, capacity %.0f images/s",
+                tier.index, tier.lam, per_image[tier.config] * 1e3, overhead * 1e3,
+                batch / (overhead + batch * per_image[tier.config]),
+            )  # fmt: skip
+        return cls(overhead, per_image)
+
+    def per_image(self, config: ExitConfiguration) -> float:
+        estimate = self.estimates.get(config)
+        if estimate is None:  # a tier of a reloaded bank: assume the costliest known until measured
+            return max(e.per_image_s for e in self.estimates.values())
+        return estimate.per_image_s
+
+    def capacity(self, config: ExitConfiguration, batch: int) -> float:
+        """Images per second at full batches."""
+        return batch / (self.overhead_s + batch * self.per_image(config))
+
+    def steady_batch_time(self, config: ExitConfiguration, batch: int, rate: float) -> float:
+        """Duration of the batches the batcher forms at ``rate`` images/s: while one batch of
+        ``t`` seconds runs, ``rate * t`` images arrive and form the next, so ``t = a + c * rate * t``;
+        at most a full batch."""
+        load = rate * self.per_image(config)
+        full = self.overhead_s + batch * self.per_image(config)
+        return full if load >= 1 else min(self.overhead_s / (1 - load), full)
+
+    def observe(self, report: BatchReport) -> None:
+        observed = max(report.inference_s - self.overhead_s, 0.0) / report.size
+        estimate = self.estimates.setdefault(report.config, CostEstimate(observed))
+        estimate.per_image_s += EWMA_ALPHA * (observed - estimate.per_image_s)
+        estimate.samples += 1
+
+    def penalise(self, config: ExitConfiguration) -> None:
+        estimate = self.estimates.setdefault(config, CostEstimate(self.per_image(config)))
+        estimate.per_image_s *= GUARD_PENALTY
+
+
+class LoadWindow:
+    """Arrivals (images) and queue waits of the last ``window_s`` seconds."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._arrivals: deque[tuple[float, int]] = deque()
+        self._waits: deque[tuple[float, float]] = deque()
+
+    def _trim(self, now: float) -> None:
+        horizon = now - self.window_s
+        while self._arrivals and self._arrivals[0][0] < horizon:
+            self._arrivals.popleft()
+        while self._waits and self._waits[0][0] < horizon:
+            self._waits.popleft()
+
+    def arrived(self, images: int) -> None:
+        self._arrivals.append((time.monotonic(), images))
+
+    def waited(self, waits: list[float]) -> None:
+        now = time.monotonic()
+        self._waits.extend((now, w) for w in waits)
+
+    def rate(self) -> float:
+        self._trim(time.monotonic())
+        return sum(n for _, n in self._arrivals) / self.window_s
+
+    def wait_p95(self) -> float:
+        self._trim(time.monotonic())
+        return float(np.percentile([w for _, w in self._waits], 95)) if self._waits else 0.0
+
+
+DecisionListener = Callable[[str], None]
+
+
+class Autoswitcher:
+    def __init__(
+        self,
+        settings: Settings,
+        state: TierState,
+        costs: CostModel,
+        queued_images: Callable[[], int],
+        listeners: list[DecisionListener] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.costs = costs
+        self.queued_images = queued_images
+        self.window = LoadWindow(settings.autoswitch_window_s)
+        self.listeners = list(listeners or [])
+        self.slo_s = settings.slo_p95_ms / 1e3
+        self._task: asyncio.Task[None] | None = None
+
+    # Observers wired to the request path.
+    def arrived(self, images: int) -> None:
+        self.window.arrived(images)
+
+    def batch_done(self, report: BatchReport) -> None:
+        self.costs.observe(report)
+        if not report.overrides_active:
+            self.window.waited(report.queue_waits_s)
+
+    def admit(self, images: int) -> None:
+        """Refuse work the active tier could not start within half the SLO (auto mode only)."""
+        active = self.state.active
+        if active.mode != "auto":
+            return
+        capacity = self.costs.capacity(active.tier.config, self.settings.max_batch_size)
+        wait_s = (self.queued_images() + images) / capacity
+        if wait_s > self.slo_s / 2:
+            raise QueueFull(
+                f"overloaded: about {wait_s * 1e3:.0f} ms of work already queued, more than half the "
+                f"{self.settings.slo_p95_ms:g} ms latency objective; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+
+    def fits(self, tier: Tier, rate: float, headroom: float) -> bool:
+        """Below the target utilisation, and a request's wait for the running batch plus its own
+        batch stays within the SLO."""
+        batch = self.settings.max_batch_size
+        usable = self.costs.capacity(tier.config, batch) * self.settings.autoswitch_target_utilisation * headroom
+        return rate <= usable and 2 * self.costs.steady_batch_time(tier.config, batch, rate) <= self.slo_s
+
+    def decide(self) -> tuple[str, int | None]:
+        """One decision: (action, bank index to switch to or None)."""
+        active = self.state.active
+        if active.mode != "auto":
+            return "pinned", None
+        tiers = active.tier.frontier()
+        current = next((t for t in tiers if t.index == active.tier.index), None)
+        rate, wait_p95 = self.window.rate(), self.window.wait_p95()
+        dwell = time.monotonic() - active.since_monotonic
+        settle = self.settings
+        if current is None:  # on a dominated entry (set by hand before): rejoin the frontier
+            best = next((t for t in tiers if self.fits(t, rate, 1.0)), tiers[-1])
+            return "rejoin", best.index
+        position = tiers.index(current)
+        overloaded = not self.fits(current, rate, 1.0)
+        queue_slow = wait_p95 > self.slo_s / 2
+        if overloaded or queue_slow:
+            if dwell < settle.autoswitch_min_dwell_down_s:
+                return "hold_dwell", None
+            if position == len(tiers) - 1:
+                return "hold_cheapest", None
+            if queue_slow and not overloaded:
+                self.costs.penalise(current.config)
+                return "down", tiers[position + 1].index
+            target = next((t for t in tiers[position + 1 :] if self.fits(t, rate, 1.0)), tiers[-1])
+            return "down", target.index
+        climb = next((t for t in tiers[:position] if self.fits(t, rate, 1.0 - settle.autoswitch_hysteresis)), None)
+        if climb is None or wait_p95 > self.slo_s / 4:
+            return "hold", None
+        if dwell < settle.autoswitch_min_dwell_up_s:
+            return "hold_dwell", None
+        return "up", climb.index
+
+    def tick(self) -> ActiveTier:
+        action, index = self.decide()
+        for listener in self.listeners:
+            listener(action)
+        if index is None:
+            return self.state.active
+        before = self.state.active.tier
+        active = self.state.switch(index, "autoswitch")
+        log.info(
+            "autoswitch %s: index %d -> %d (lambda %.4g -> %.4g), arrivals %.0f images/s, queue wait p95 %.1f ms",
+            action, before.index, index, before.lam, active.tier.lam, self.window.rate(), self.window.wait_p95() * 1e3,
+        )  # fmt: skip
+        return active
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="dyce-autoswitch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.autoswitch_interval_s)
+            try:
+                self.tick()
+            except Exception:  # a bad decision must not stop future ones
+                log.exception("autoswitch tick failed")

@@ -1,0 +1,66 @@
+"""Bytes -> backbone input, with the backbone's own preprocessing and hard limits.
+
+Pillow's ``Image.open`` only reads the header, so the pixel limit is checked before a single
+pixel is decoded: a decompression bomb costs a few bytes of parsing, not gigabytes of memory.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from dyce.preprocess import PreprocessSpec
+
+from .errors import BadRequest, TooLarge, UnsupportedMediaType
+
+ACCEPTED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+ACCEPTED_MEDIA_TYPES = frozenset(ACCEPTED_FORMATS.values()) | {"image/jpg"}
+
+
+class ImageDecoder:
+    def __init__(self, preprocess: PreprocessSpec, max_pixels: int) -> None:
+        self.transform = preprocess.transform()
+        self.max_pixels = max_pixels
+        self.shape = (preprocess.channels, preprocess.crop, preprocess.crop)
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        """One encoded image -> normalised (C, H, W) float tensor; raises a 4xx ServiceError."""
+        if not data:
+            raise BadRequest("empty image")
+        try:
+            with warnings.catch_warnings():
+                # Pillow's own bomb check warns below its hard limit; ours is stricter anyway.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as image:
+                    if image.format not in ACCEPTED_FORMATS:
+                        raise UnsupportedMediaType(
+                            f"image format {image.format} is not accepted; send one of {', '.join(ACCEPTED_FORMATS)}"
+                        )
+                    width, height = image.size
+                    if width * height > self.max_pixels:
+                        raise TooLarge(
+                            f"image is {width}x{height} = {width * height} pixels, more than the limit of "
+                            f"{self.max_pixels} (decompression bomb protection)"
+                        )
+                    if width == 0 or height == 0:
+                        raise BadRequest("image has no pixels")
+                    image.load()
+                    return self.transform(image)
+        except UnidentifiedImageError:
+            raise BadRequest("body is not a PNG, JPEG or WebP image") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise TooLarge(f"image rejected as a decompression bomb: {err}") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as err:
+            raise BadRequest(f"image is truncated or corrupt: {err}") from None
+
+
+def check_media_type(content_type: str | None) -> None:
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type not in ACCEPTED_MEDIA_TYPES:
+        raise UnsupportedMediaType(
+            f"content type {media_type or '(none)'} is not accepted; send image/png, image/jpeg, image/webp "
+            "as the raw body, or multipart/form-data with a `file` part"
+        )

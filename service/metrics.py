@@ -1,0 +1,74 @@
+"""Prometheus metrics, one ``CollectorRegistry`` per app so several apps (tests) never collide.
+
+Nothing in the model path imports this module: the batcher, the tier state and the
+autoswitcher publish events through plain callbacks, and ``Metrics`` subscribes to them.
+Labels stay bounded: routes are route templates, statuses are HTTP codes, positions are the
+backbone's N positions, reasons and actions are fixed vocabularies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .batcher import BatchReport
+
+# Early exits of the demo model finish well under a millisecond; the top buckets cover timeouts.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.0075, 0.01,
+    0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+RELATIVE_MACS_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21)) + (1.5,)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("dyce_requests", "HTTP requests answered", ["route", "status"], registry=r)
+        self.request_duration = Histogram(
+            "dyce_request_duration_seconds", "Arrival to answer", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_duration = Histogram(
+            "dyce_queue_duration_seconds", "Enqueue to batch start", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.inference_duration = Histogram(
+            "dyce_inference_duration_seconds", "Executor time per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "dyce_batch_size", "Images per executor call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+        )
+        self.exits = Counter("dyce_exits", "Images by the position they left at", ["position"], registry=r)
+        self.relative_macs = Histogram(
+            "dyce_relative_macs",
+            "MACs per image relative to the plain model",
+            buckets=RELATIVE_MACS_BUCKETS,
+            registry=r,
+        )
+        self.active_lambda = Gauge("dyce_active_lambda", "Lambda of the active configuration", registry=r)
+        self.active_index = Gauge("dyce_active_config_index", "Bank index of the active configuration", registry=r)
+        self.switches = Counter("dyce_config_switches", "Active configuration changes", ["reason"], registry=r)
+        self.queue_depth = Gauge("dyce_queue_depth", "Requests waiting for a batch", registry=r)
+        self.in_flight = Gauge("dyce_in_flight_requests", "Requests being handled", registry=r)
+        self.rejections = Counter("dyce_rejections", "Requests answered with an error", ["reason"], registry=r)
+        self.autoswitch_decisions = Counter(
+            "dyce_autoswitch_decisions", "Autoswitcher decisions by outcome", ["action"], registry=r
+        )
+        self.model_ready = Gauge("dyce_model_ready", "1 once the model is loaded and warmed up", registry=r)
+
+    # Callbacks the service components are wired to.
+    def batch_done(self, report: BatchReport) -> None:
+        self.batch_size.observe(report.size)
+        self.inference_duration.observe(report.inference_s)
+        for wait in report.queue_waits_s:
+            self.queue_duration.observe(wait)
+        for position, count in zip(*np.unique(report.exit_positions, return_counts=True), strict=True):
+            self.exits.labels(position=str(int(position))).inc(int(count))
+        for value in report.relative_macs:
+            self.relative_macs.observe(float(value))
+
+    def request_done(self, route: str, status: int, seconds: float, reason: str | None) -> None:
+        self.requests.labels(route=route, status=str(status)).inc()
+        self.request_duration.labels(route=route).observe(seconds)
+        if reason is not None:
+            self.rejections.labels(reason=reason).inc()

@@ -1,0 +1,1 @@
+"""One router per concern: classification, Open Inference Protocol v2, admin, metrics."""

@@ -1,0 +1,115 @@
+"""``/v1/classify``: encoded images in, top-k labels and what the answer cost out."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from starlette.datastructures import UploadFile
+
+from ..decode import check_media_type
+from ..deps import ServiceDep
+from ..errors import BadRequest
+from ..schemas import BatchClassification, Classification, TierInfo, Timings, image_results
+from ..serving import Served
+
+router = APIRouter(prefix="/v1", tags=["classify"])
+
+TopK = Annotated[int | None, Query(ge=1, description="labels per image (default DYCE_DEFAULT_TOP_K)")]
+Lambda = Annotated[float | None, Query(alias="lambda", ge=0, le=1, description="serve at the bank entry nearest")]
+MacBudget = Annotated[
+    float | None, Query(gt=0, description="serve at the most accurate entry within this relative MAC budget")
+]
+
+IMAGE_BODY = {
+    "requestBody": {
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/webp": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+            },
+        }
+    }
+}
+
+
+async def _read_images(request: Request, max_files: int) -> list[bytes]:
+    """Raw body (one image) or multipart parts named ``file``/``files``."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        try:
+            form = await request.form(max_files=max_files, max_fields=max_files)
+        except Exception as err:  # python-multipart raises several types for malformed bodies
+            raise BadRequest(f"malformed multipart body: {err}") from None
+        parts = [p for key in ("file", "files") for p in form.getlist(key) if isinstance(p, UploadFile)]
+        if not parts:
+            raise BadRequest("multipart body has no `file` part")
+        return [await part.read() for part in parts]
+    check_media_type(content_type)
+    return [await request.body()]
+
+
+async def _serve(
+    request: Request,
+    response: Response,
+    service: ServiceDep,
+    max_files: int,
+    lam: float | None,
+    max_relative_macs: float | None,
+) -> tuple[Served, dict[str, Any]]:
+    """Read, decode, queue and wait; returns the answer and the fields every response shares."""
+    arrived = time.perf_counter()
+    blobs = await _read_images(request, max_files=max_files)
+    served = await service.classify(request, await service.decode(blobs), lam, max_relative_macs, arrived)
+    result = served.result
+    timings = Timings(
+        queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3, total_ms=served.total_s * 1e3
+    )
+    # Named like text-embeddings-inference's, in milliseconds.
+    response.headers["x-queue-time"] = f"{timings.queue_ms:.3f}"
+    response.headers["x-inference-time"] = f"{timings.inference_ms:.3f}"
+    response.headers["x-total-time"] = f"{timings.total_ms:.3f}"
+    response.headers["x-config-id"] = result.tier.config_id
+    response.headers["x-lambda"] = f"{result.tier.lam:g}"
+    shared = {
+        "num_positions": service.runtime.num_positions,
+        "tier": TierInfo.of(result.tier),
+        "tier_source": "request" if served.requested else "active",
+        "batch_size": result.batch_size,
+        "timings": timings,
+    }
+    return served, shared
+
+
+@router.post("/classify", response_model=Classification, openapi_extra=IMAGE_BODY)
+async def classify(
+    request: Request,
+    response: Response,
+    service: ServiceDep,
+    top_k: TopK = None,
+    lam: Lambda = None,
+    max_relative_macs: MacBudget = None,
+) -> Classification:
+    """Classify one image (raw ``image/png|jpeg|webp`` body, or multipart ``file``)."""
+    served, shared = await _serve(request, response, service, 1, lam, max_relative_macs)
+    (result,) = image_results(served.result, service.runtime.labels, top_k or service.settings.default_top_k)
+    response.headers["x-exit-position"] = str(result.exit_position)
+    return Classification(**result.model_dump(), **shared)
+
+
+@router.post("/classify/batch", response_model=BatchClassification, openapi_extra=IMAGE_BODY)
+async def classify_batch(
+    request: Request,
+    response: Response,
+    service: ServiceDep,
+    top_k: TopK = None,
+    lam: Lambda = None,
+    max_relative_macs: MacBudget = None,
+) -> BatchClassification:
+    """Classify several images (multipart, one ``files`` part each); all run under one tier."""
+    served, shared = await _serve(request, response, service, service.settings.max_batch_size, lam, max_relative_macs)
+    results = image_results(served.result, service.runtime.labels, top_k or service.settings.default_top_k)
+    return BatchClassification(results=results, **shared)

@@ -1,0 +1,186 @@
+"""Open Inference Protocol v2 (KServe, Triton): health, metadata, config and inference."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from ..deps import ServiceDep
+from ..errors import BadRequest, NotFound
+from ..serving import Service
+from ..v2 import HEADER_LENGTH, bytes_tensor, encode_response, fp32_tensor, parse_request
+
+router = APIRouter(prefix="/v2", tags=["v2"])
+
+VERSION = "1"
+INPUT_TENSOR = "input"  # FP32 [batch, C, H, W], already preprocessed
+IMAGE_TENSOR = "image"  # BYTES [batch], encoded PNG/JPEG/WebP
+OUTPUTS = {  # name -> (datatype, per-image dims; -1 = the number of classes)
+    "probabilities": ("FP32", [-1]),
+    "exit_position": ("INT64", []),
+    "relative_macs": ("FP32", []),
+    "label": ("BYTES", []),
+}
+
+
+def _model(service: Service, name: str, version: str | None = None) -> None:
+    if name != service.settings.model_name or version not in (None, VERSION):
+        raise NotFound(
+            f"unknown model {name!r} (version {version or 'any'}); this server has {service.settings.model_name!r}"
+        )
+
+
+def _tensor_specs(service: Service) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    runtime, _ = service.require_ready()
+    classes = len(runtime.labels)
+    inputs = [
+        {"name": INPUT_TENSOR, "datatype": "FP32", "shape": [-1, *runtime.input_shape]},
+        {"name": IMAGE_TENSOR, "datatype": "BYTES", "shape": [-1]},
+    ]
+    outputs = [
+        {"name": name, "datatype": dtype, "shape": [-1, *(classes if d == -1 else d for d in dims)]}
+        for name, (dtype, dims) in OUTPUTS.items()
+    ]
+    return inputs, outputs
+
+
+@router.get("")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "dyce-serve", "version": "0.1.0", "extensions": ["binary_tensor_data", "model_configuration"]}
+
+
+@router.get("/health/live")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready")
+async def ready(service: ServiceDep) -> JSONResponse:
+    return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
+
+
+@router.get("/models/{name}")
+@router.get("/models/{name}/versions/{version}")
+async def model_metadata(service: ServiceDep, name: str, version: str | None = None) -> dict[str, Any]:
+    _model(service, name, version)
+    inputs, outputs = _tensor_specs(service)
+    return {"name": name, "versions": [VERSION], "platform": "pytorch_dyce", "inputs": inputs, "outputs": outputs}
+
+
+@router.get("/models/{name}/ready")
+@router.get("/models/{name}/versions/{version}/ready")
+async def model_ready(service: ServiceDep, name: str, version: str | None = None) -> JSONResponse:
+    _model(service, name, version)
+    return JSONResponse({"name": name, "ready": service.ready}, status_code=200 if service.ready else 503)
+
+
+@router.get("/models/{name}/config")
+@router.get("/models/{name}/versions/{version}/config")
+async def model_config(service: ServiceDep, name: str, version: str | None = None) -> dict[str, Any]:
+    """Triton's model configuration: with max_batch_size > 0, dims leave out the batch dimension."""
+    _model(service, name, version)
+    inputs, outputs = _tensor_specs(service)
+    settings = service.settings
+
+    def triton(tensor: dict[str, Any]) -> dict[str, Any]:
+        dims = tensor["shape"][1:] or [1]
+        return {
+            "name": tensor["name"],
+            "data_type": f"TYPE_{'STRING' if tensor['datatype'] == 'BYTES' else tensor['datatype']}",
+            "dims": dims,
+        }
+
+    return {
+        "name": name,
+        "platform": "pytorch_dyce",
+        "max_batch_size": settings.max_batch_size,
+        "input": [triton(t) for t in inputs],
+        "output": [triton(t) for t in outputs],
+        "dynamic_batching": {
+            "max_queue_delay_microseconds": int(settings.max_queue_delay_ms * 1000),
+            "default_queue_policy": {
+                "max_queue_size": settings.queue_capacity,
+                "default_timeout_microseconds": int(settings.request_timeout_s * 1e6),
+            },
+        },
+        "parameters": {"slo_p95_ms": {"string_value": f"{settings.slo_p95_ms:g}"}},
+    }
+
+
+@router.post("/models/{name}/infer")
+@router.post("/models/{name}/versions/{version}/infer")
+async def infer(request: Request, service: ServiceDep, name: str, version: str | None = None) -> Response:
+    """Inputs: ``input`` (FP32 preprocessed) or ``image`` (BYTES encoded). Request parameters
+    ``lambda`` or ``max_relative_macs`` choose a tier for this request."""
+    arrived = time.perf_counter()
+    _model(service, name, version)
+    runtime, _ = service.require_ready()
+    if request.headers.get("content-encoding", "identity") != "identity":
+        raise BadRequest("compressed inference requests are not accepted; send them uncompressed")
+    body, settings = await request.body(), service.settings
+    infer_request, binary = parse_request(body, request.headers.get(HEADER_LENGTH))
+    if len(infer_request.inputs) != 1:
+        raise BadRequest(f"send exactly one input tensor: {INPUT_TENSOR!r} (FP32) or {IMAGE_TENSOR!r} (BYTES)")
+    tensor = infer_request.inputs[0]
+    if tensor.name == INPUT_TENSOR:
+        images = torch.from_numpy(
+            fp32_tensor(tensor, binary.get(tensor.name), runtime.input_shape, settings.max_batch_size).copy()
+        )
+    elif tensor.name == IMAGE_TENSOR:
+        images = await service.decode(bytes_tensor(tensor, binary.get(tensor.name), settings.max_batch_size))
+    else:
+        raise BadRequest(f"unknown input {tensor.name!r}; inputs are {INPUT_TENSOR!r} and {IMAGE_TENSOR!r}")
+    requested = infer_request.outputs or []
+    unknown = [o.name for o in requested if o.name not in OUTPUTS]
+    if unknown:
+        raise BadRequest(f"unknown outputs {unknown}; outputs are {list(OUTPUTS)}")
+    names = [o.name for o in requested] or list(OUTPUTS)
+    all_binary = bool(infer_request.parameters.get("binary_data_output", False))
+    binary_names = {o.name for o in requested if o.parameters.get("binary_data", all_binary)}
+    if not requested and all_binary:
+        binary_names = set(names)
+    lam, budget = (_number_parameter(infer_request.parameters, key) for key in ("lambda", "max_relative_macs"))
+    served = await service.classify(request, images, lam, budget, arrived)
+    result = served.result
+
+    top = result.probabilities.argmax(dim=1).tolist()
+    values = {
+        "probabilities": result.probabilities.numpy(),
+        "exit_position": result.exit_positions.astype(np.int64),
+        "relative_macs": result.relative_macs.astype(np.float32),
+        "label": [runtime.labels[c].encode() for c in top],
+    }
+    header = {
+        "model_name": name,
+        "model_version": VERSION,
+        "parameters": {
+            "lambda": result.tier.lam,
+            "config_id": result.tier.config_id,
+            "bank_index": result.tier.index,
+            "tier_source": "request" if served.requested else "active",
+            "queue_time_ms": result.queue_s * 1e3,
+            "inference_time_ms": result.inference_s * 1e3,
+        },
+    }
+    if infer_request.id is not None:
+        header["id"] = infer_request.id
+    content, header_length = encode_response([(n, OUTPUTS[n][0], values[n]) for n in names], binary_names, header)
+    headers = {"x-total-time": f"{(time.perf_counter() - arrived) * 1e3:.3f}"}
+    if header_length is None:
+        return Response(content, media_type="application/json", headers=headers)
+    headers["Inference-Header-Content-Length"] = str(header_length)
+    return Response(content, media_type="application/octet-stream", headers=headers)
+
+
+def _number_parameter(parameters: dict[str, Any], key: str) -> float | None:
+    value = parameters.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest(f"parameter {key} must be a number")
+    return float(value)

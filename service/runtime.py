@@ -1,0 +1,214 @@
+"""The loaded model and the one piece of mutable serving state: which configuration is active.
+
+``TierState`` holds an immutable ``ActiveTier`` behind a single reference. A switch builds a
+new one and assigns it, so a reader (a request being admitted, the autoswitcher, an admin
+call) sees either the old tier or the new one, never a mixture of bank, index and mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from dyce.artifacts import ArtifactLayout, load_backbone, load_bank_for, load_exits
+from dyce.bank import Bank, BankEntry
+from dyce.config import ExitConfiguration
+from dyce.executor import EarlyExitExecutor, ExecutionResult
+
+from .decode import ImageDecoder
+from .errors import BadRequest, NotFound, Unprocessable
+from .settings import Settings
+
+log = logging.getLogger("dyce.service")
+
+Mode = Literal["auto", "manual"]
+SwitchReason = Literal["admin", "autoswitch", "request", "reload", "startup"]
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One bank entry, remembered with the bank it came from (indices are per bank)."""
+
+    bank: Bank
+    index: int
+
+    @property
+    def entry(self) -> BankEntry:
+        return self.bank.entries[self.index]
+
+    @property
+    def config(self) -> ExitConfiguration:
+        return self.entry.config
+
+    @property
+    def lam(self) -> float:
+        return self.entry.lam
+
+    @property
+    def config_id(self) -> str:
+        return self.entry.config_id
+
+    @property
+    def expected_relative_macs(self) -> float:
+        return self.entry.search.relative_macs
+
+    @property
+    def expected_accuracy(self) -> float:
+        return self.entry.search.accuracy
+
+    def frontier(self) -> list[Tier]:
+        """The bank's non-dominated tiers, most accurate first."""
+        return [Tier(self.bank, i) for i in reversed(self.bank.frontier())]
+
+
+@dataclass(frozen=True)
+class ActiveTier:
+    tier: Tier
+    mode: Mode
+    reason: SwitchReason
+    since_monotonic: float
+    since_unix: float
+
+
+TierListener = Callable[[ActiveTier], None]
+
+
+class TierState:
+    def __init__(self, bank: Bank, mode: Mode, listeners: list[TierListener] | None = None) -> None:
+        self._listeners = list(listeners or [])
+        self._lock = threading.Lock()  # serialises writers; readers just read the reference
+        self._active = self._stamp(Tier(bank, bank.most_accurate()), mode, "startup")
+        self._notify(self._active)
+
+    @staticmethod
+    def _stamp(tier: Tier, mode: Mode, reason: SwitchReason) -> ActiveTier:
+        return ActiveTier(tier, mode, reason, time.monotonic(), time.time())
+
+    def _notify(self, active: ActiveTier) -> None:
+        for listener in self._listeners:
+            listener(active)
+
+    @property
+    def active(self) -> ActiveTier:
+        return self._active
+
+    @property
+    def bank(self) -> Bank:
+        return self._active.tier.bank
+
+    def switch(self, index: int, reason: SwitchReason, mode: Mode | None = None) -> ActiveTier:
+        with self._lock:
+            current = self._active
+            if not 0 <= index < len(current.tier.bank.entries):
+                raise NotFound(f"bank has no entry {index} (it has {len(current.tier.bank.entries)})")
+            changed = index != current.tier.index
+            if changed:
+                self._active = self._stamp(Tier(current.tier.bank, index), mode or current.mode, reason)
+            elif mode is not None and mode != current.mode:
+                self._active = replace(current, mode=mode)
+            active = self._active
+        if changed:
+            log.info(
+                "tier switch (%s): bank index %d -> %d, lambda %.4g", reason, current.tier.index, index, active.tier.lam
+            )
+            self._notify(active)
+        return active
+
+    def set_mode(self, mode: Mode) -> ActiveTier:
+        with self._lock:
+            self._active = replace(self._active, mode=mode)
+            return self._active
+
+    def replace_bank(self, bank: Bank) -> ActiveTier:
+        """Serve a new bank, at the entry whose lambda is nearest the one that was active."""
+        with self._lock:
+            previous = self._active
+            tier = Tier(bank, bank.nearest_lambda(previous.tier.lam))
+            self._active = self._stamp(tier, previous.mode, "reload")
+            active = self._active
+        log.info("bank reloaded: %d entries, now at index %d (lambda %.4g)", len(bank.entries), tier.index, tier.lam)
+        self._notify(active)
+        return active
+
+    def resolve(self, lam: float | None, max_relative_macs: float | None) -> Tier | None:
+        """A client's own tier: the entry nearest a lambda, or the most accurate within a MAC budget."""
+        if lam is not None and max_relative_macs is not None:
+            raise BadRequest("ask for a tier by lambda or by max_relative_macs, not both")
+        bank = self.bank
+        if lam is not None:
+            return Tier(bank, bank.nearest_lambda(lam))
+        if max_relative_macs is not None:
+            index = bank.within_macs(max_relative_macs)
+            if index is None:
+                cheapest = min(e.search.relative_macs for e in bank.entries)
+                raise Unprocessable(
+                    f"no configuration fits {max_relative_macs} relative MACs; the cheapest needs {cheapest:.4f}"
+                )
+            return Tier(bank, index)
+        return None
+
+
+class ModelRuntime:
+    """Backbone, exits, bank and executor, loaded once from the artefact directory."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.layout = ArtifactLayout(settings.artifacts_dir)
+        if not self.layout.backbone_manifest.is_file():
+            raise FileNotFoundError(
+                f"no artefacts in {self.layout.root.resolve()} (expected backbone.json, exits.json, bank.json); "
+                "build them with `dyce-offline build` or point DYCE_ARTIFACTS_DIR at them"
+            )
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        backbone, self.manifest = load_backbone(self.layout)
+        exits, _ = load_exits(self.layout)
+        bank = load_bank_for(self.layout)  # raises BankMismatchError with the reason
+        self.executor = EarlyExitExecutor(backbone, exits, bank.macs, device=settings.device)
+        self.initial_bank = bank
+        self.decoder = ImageDecoder(self.manifest.preprocess, settings.max_image_pixels)
+        self.input_shape = tuple(backbone.input_spec.shape)
+        if tuple(self.decoder.shape) != self.input_shape:
+            raise ValueError(f"preprocessing yields {self.decoder.shape}, the backbone takes {self.input_shape}")
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.manifest.labels
+
+    @property
+    def num_positions(self) -> int:
+        return self.executor.num_positions
+
+    def run(self, images: torch.Tensor, config: ExitConfiguration) -> ExecutionResult:
+        return self.executor.run(images, config=config)
+
+    def load_bank(self, path: str | None) -> Bank:
+        """Validate a bank file against the loaded artefacts; only files in the artefact dir."""
+        root = self.layout.root.resolve()
+        target = (root / path).resolve() if path else self.layout.bank.resolve()
+        if not target.is_relative_to(root):
+            raise BadRequest(f"bank path must lie inside the artefact directory {root}")
+        if not target.is_file():
+            raise NotFound(f"no bank file {Path(path or self.layout.bank.name)} in the artefact directory")
+        try:
+            bank = load_bank_for(self.layout, target)
+        except ValueError as err:  # pydantic ValidationError and BankMismatchError are ValueErrors
+            raise Unprocessable(f"bank {target.name} rejected, the previous one keeps serving: {err}") from None
+        if bank.macs != self.executor.macs:
+            raise Unprocessable(f"bank {target.name} rejected: its MAC table differs from the loaded model's")
+        return bank
+
+    def warm_up(self, bank: Bank) -> None:
+        """Run every configuration once at batch 1 and at the largest batch (allocator, kernels)."""
+        generator = torch.Generator().manual_seed(0)
+        for batch in (1, self.settings.max_batch_size):
+            images = torch.randn(batch, *self.input_shape, generator=generator)
+            for entry in bank.entries:
+                self.run(images, entry.config)

@@ -1,0 +1,149 @@
+"""Pydantic schemas of the service's own JSON APIs (v1 and admin)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .batcher import JobResult
+from .runtime import ActiveTier, Tier
+
+
+class TierInfo(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    bank_index: int
+    lam: float = Field(alias="lambda")
+    config_id: str
+    expected_accuracy: float
+    expected_relative_macs: float
+
+    @classmethod
+    def of(cls, tier: Tier) -> TierInfo:
+        return cls(
+            bank_index=tier.index,
+            lam=tier.lam,
+            config_id=tier.config_id,
+            expected_accuracy=tier.expected_accuracy,
+            expected_relative_macs=tier.expected_relative_macs,
+        )
+
+
+class Timings(BaseModel):
+    queue_ms: float
+    inference_ms: float
+    total_ms: float
+
+
+class Prediction(BaseModel):
+    label: str
+    class_index: int
+    probability: float
+
+
+class ImageResult(BaseModel):
+    predictions: list[Prediction] = Field(description="top-k, most probable first")
+    exit_position: int = Field(description="0-based segment after which the image left")
+    relative_macs: float = Field(description="MACs this image cost, relative to the plain backbone")
+
+
+class Classification(ImageResult):
+    model_config = ConfigDict(serialize_by_alias=True)
+
+    num_positions: int
+    tier: TierInfo
+    tier_source: str = Field(description="'request' when the client chose the tier, else 'active'")
+    batch_size: int = Field(description="images in the executor call this request rode in")
+    timings: Timings
+
+
+class BatchClassification(BaseModel):
+    model_config = ConfigDict(serialize_by_alias=True)
+
+    results: list[ImageResult]
+    num_positions: int
+    tier: TierInfo
+    tier_source: str
+    batch_size: int
+    timings: Timings
+
+
+def image_results(result: JobResult, labels: tuple[str, ...], top_k: int) -> list[ImageResult]:
+    k = min(top_k, result.probabilities.shape[1])
+    probs, classes = torch.topk(result.probabilities, k, dim=1)
+    return [
+        ImageResult(
+            predictions=[
+                Prediction(label=labels[c], class_index=c, probability=p)
+                for p, c in zip(probs[row].tolist(), classes[row].tolist(), strict=True)
+            ],
+            exit_position=int(result.exit_positions[row]),
+            relative_macs=float(np.float64(result.relative_macs[row])),
+        )
+        for row in range(probs.shape[0])
+    ]
+
+
+class BankEntryInfo(TierInfo):
+    algorithm: str
+    dominated: bool
+    active: bool
+    exits: tuple[int, ...]
+    thresholds: tuple[float, ...]
+    test_accuracy: float | None
+    test_relative_macs: float | None
+
+
+class BankInfo(BaseModel):
+    model_config = ConfigDict(serialize_by_alias=True)
+
+    backbone: str
+    num_positions: int
+    original_accuracy: dict[str, float]
+    entries: list[BankEntryInfo]
+
+
+class ActiveInfo(BaseModel):
+    model_config = ConfigDict(serialize_by_alias=True)
+
+    tier: TierInfo
+    mode: str
+    reason: str
+    since_unix: float
+    exits: tuple[int, ...]
+    thresholds: tuple[float, ...]
+
+    @classmethod
+    def of(cls, active: ActiveTier) -> ActiveInfo:
+        return cls(
+            tier=TierInfo.of(active.tier),
+            mode=active.mode,
+            reason=active.reason,
+            since_unix=active.since_unix,
+            exits=active.tier.config.exits,
+            thresholds=active.tier.config.thresholds,
+        )
+
+
+class SwitchRequest(BaseModel):
+    """Exactly one selector: a lambda, a bank index, a MAC budget or an accuracy floor."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    lam: float | None = Field(None, alias="lambda", ge=0, le=1)
+    index: int | None = Field(None, ge=0)
+    max_relative_macs: float | None = Field(None, gt=0)
+    min_accuracy: float | None = Field(None, ge=0, le=1)
+
+
+class ModeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: str = Field(pattern="^(auto|manual)$")
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(None, description="bank file inside the artefact directory; default bank.json")

@@ -1,0 +1,158 @@
+"""The running service: model, tier state, batcher and autoswitcher, wired together by events.
+
+Built in two steps so the HTTP side can answer before the model is warm: ``load`` (artefacts,
+fails start-up with a clear error) then ``warm_up`` (executor, calibration) after which
+``ready`` turns true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from starlette.requests import Request
+
+from .autoswitch import Autoswitcher, CostModel
+from .batcher import BatchReport, DynamicBatcher, JobResult
+from .errors import BadRequest, ClientGone, NotReady, Timeout
+from .metrics import Metrics
+from .runtime import ActiveTier, ModelRuntime, Tier, TierState
+from .settings import Settings
+
+log = logging.getLogger("dyce.service")
+
+
+@dataclass(frozen=True)
+class Served:
+    """A request's answer from the model, with the tier it ran under and where time went."""
+
+    result: JobResult
+    requested: bool  # the client chose the tier
+    total_s: float
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.ready = False
+        self.metrics.model_ready.set_function(lambda: float(self.ready))
+        self.runtime: ModelRuntime | None = None
+        self.state: TierState | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.autoswitcher: Autoswitcher | None = None
+
+    # Life cycle ---------------------------------------------------------------------------
+    async def load(self) -> None:
+        self.runtime = await asyncio.to_thread(ModelRuntime, self.settings)
+        self.state = TierState(self.runtime.initial_bank, self.settings.autoswitch, [self._tier_changed])
+        self.batcher = DynamicBatcher(
+            self.runtime.run,
+            max_batch=self.settings.max_batch_size,
+            max_delay_s=self.settings.max_queue_delay_ms / 1e3,
+            capacity=self.settings.queue_capacity,
+            observers=[self.metrics.batch_done, self._count_request_tier],
+        )
+        self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
+
+    async def warm_up(self) -> None:
+        runtime, state = self._loaded()
+        started = time.perf_counter()
+        frontier = state.active.tier.frontier()
+        await asyncio.to_thread(runtime.warm_up, state.bank)
+        costs = await asyncio.to_thread(
+            CostModel.calibrate, runtime, frontier, self.settings.max_batch_size, self.settings.calibration_rounds
+        )
+        self.autoswitcher = Autoswitcher(
+            self.settings, state, costs, lambda: self.batcher.queued_images, [self._count_decision]
+        )
+        self.batcher.observers.append(self.autoswitcher.batch_done)
+        self.batcher.start()
+        self.autoswitcher.start()
+        self.ready = True
+        log.info("ready: warmed up and calibrated %d tiers in %.1f s", len(frontier), time.perf_counter() - started)
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self.autoswitcher is not None:
+            await self.autoswitcher.stop()
+        if self.batcher is not None:
+            await self.batcher.stop()
+
+    def _loaded(self) -> tuple[ModelRuntime, TierState]:
+        if self.runtime is None or self.state is None:
+            raise NotReady("the model is still loading")
+        return self.runtime, self.state
+
+    # Event wiring (metrics stay out of the model path) ------------------------------------
+    def _tier_changed(self, active: ActiveTier) -> None:
+        self.metrics.active_index.set(active.tier.index)
+        self.metrics.active_lambda.set(active.tier.lam)
+        if active.reason != "startup":
+            self.metrics.switches.labels(reason=active.reason).inc()
+
+    def _count_request_tier(self, report: BatchReport) -> None:
+        if report.overrides_active:
+            self.metrics.switches.labels(reason="request").inc()
+
+    def _count_decision(self, action: str) -> None:
+        self.metrics.autoswitch_decisions.labels(action=action).inc()
+
+    # Request path -------------------------------------------------------------------------
+    def require_ready(self) -> tuple[ModelRuntime, TierState]:
+        if not self.ready:
+            raise NotReady("the model is loading or warming up; poll /v2/health/ready")
+        return self._loaded()
+
+    async def decode(self, blobs: list[bytes]) -> torch.Tensor:
+        """Encoded images -> one batch tensor, decoded off the event loop."""
+        runtime, _ = self.require_ready()
+        if not blobs:
+            raise BadRequest("no image in the request")
+        if len(blobs) > self.settings.max_batch_size:
+            raise BadRequest(f"{len(blobs)} images in one request; at most {self.settings.max_batch_size}")
+        if len(blobs) == 1:
+            return (await asyncio.to_thread(runtime.decoder, blobs[0])).unsqueeze(0)
+        return torch.stack(await asyncio.to_thread(lambda: [runtime.decoder(b) for b in blobs]))
+
+    async def classify(
+        self,
+        request: Request,
+        images: torch.Tensor,
+        lam: float | None = None,
+        max_relative_macs: float | None = None,
+        arrived: float | None = None,
+    ) -> Served:
+        """Queue ``images`` under one tier and wait for the answer, the deadline or a disconnect."""
+        _, state = self.require_ready()
+        arrived = arrived if arrived is not None else time.perf_counter()
+        requested = state.resolve(lam, max_relative_macs)
+        active = state.active.tier
+        tier: Tier = requested or active
+        self.autoswitcher.arrived(images.shape[0])
+        if requested is None:
+            self.autoswitcher.admit(images.shape[0])
+        job = self.batcher.submit(images, tier, overrides_active=tier.config != active.config)
+        remaining = self.settings.request_timeout_s - (time.perf_counter() - arrived)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({job.future, gone}, timeout=max(remaining, 0), return_when="FIRST_COMPLETED")
+        finally:
+            gone.cancel()
+        if job.future in done:
+            return Served(job.future.result(), requested is not None, time.perf_counter() - arrived)
+        job.future.cancel()  # still queued: the batcher skips it; running: its rows are discarded
+        if gone in done:
+            raise ClientGone("client disconnected before the answer was ready")
+        raise Timeout(f"no answer within the {self.settings.request_timeout_s:g} s request timeout")
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client goes away (the body is read already, so only disconnect can come)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

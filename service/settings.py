@@ -1,0 +1,71 @@
+"""Every knob of the server, read from the environment (prefix ``DYCE_``) by pydantic-settings."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PrivateAttr, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Tokens that appear in examples and tutorials: starting with one is as bad as starting with none.
+PLACEHOLDER_TOKENS = frozenset({"", "changeme", "change-me", "admin", "secret", "token", "password", "dyce"})
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DYCE_", extra="ignore")
+
+    artifacts_dir: Path = Field(Path("artifacts"), description="backbone, exits and bank, as dyce-offline writes them")
+    device: str = "cpu"
+    torch_threads: int = Field(0, ge=0, description="intra-op threads of the inference worker; 0 = torch's default")
+    model_name: str = Field("dyce", pattern=r"^[A-Za-z0-9_.-]+$")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    # Dynamic batching and admission.
+    max_batch_size: int = Field(32, ge=1, le=1024, description="images per executor call, also per request")
+    max_queue_delay_ms: float = Field(2.0, ge=0, description="how long the batcher waits to fill a batch")
+    queue_capacity: int = Field(256, ge=1, description="queued requests beyond which the server answers 429")
+    request_timeout_s: float = Field(10.0, gt=0, description="arrival to answer; past it the server answers 504")
+
+    # Input limits.
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="decoded width x height; larger = decompression bomb")
+
+    # Admin.
+    admin_token: SecretStr = SecretStr("")
+    insecure_dev: bool = Field(False, description="allow a placeholder admin token (a random one is generated)")
+
+    # Tiers and the autoswitcher.
+    autoswitch: Literal["auto", "manual"] = Field("auto", description="start with the autoswitcher on, or pinned")
+    slo_p95_ms: float = Field(100.0, gt=0, description="latency objective the autoswitcher keeps p95 under")
+    autoswitch_interval_s: float = Field(0.25, gt=0)
+    autoswitch_target_utilisation: float = Field(0.7, gt=0, le=1, description="load/capacity a tier may run at")
+    autoswitch_hysteresis: float = Field(0.15, ge=0, lt=1, description="extra headroom needed to climb to a tier")
+    autoswitch_min_dwell_down_s: float = Field(1.0, ge=0, description="time on a tier before stepping down")
+    autoswitch_min_dwell_up_s: float = Field(3.0, ge=0, description="time on a tier before climbing back")
+    autoswitch_window_s: float = Field(1.0, gt=0, description="window of arrival rate and queue-wait p95")
+    calibration_rounds: int = Field(3, ge=1, description="timed executor calls per tier at start-up")
+
+    default_top_k: int = Field(5, ge=1)
+
+    _generated_admin_token: bool = PrivateAttr(False)
+
+    @model_validator(mode="after")
+    def _admin_token_is_set(self) -> Settings:
+        if self.admin_token.get_secret_value().strip().lower() in PLACEHOLDER_TOKENS:
+            if not self.insecure_dev:
+                raise ValueError(
+                    "DYCE_ADMIN_TOKEN is empty or a placeholder; set a real secret "
+                    "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`), "
+                    "or set DYCE_INSECURE_DEV=1 for a local development server"
+                )
+            # Dev mode still guards admin routes, with a token only the local log shows.
+            self.admin_token = SecretStr(secrets.token_urlsafe(24))
+            self._generated_admin_token = True
+        return self
+
+    @property
+    def generated_admin_token(self) -> bool:
+        return self._generated_admin_token
