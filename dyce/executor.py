@@ -15,6 +15,7 @@ import torch
 
 from .backbones import SegmentedModel
 from .config import ExitConfiguration
+from .execution_backends import ExecutionBackend, TorchBackend
 from .exits import ExitSet
 from .macs import MacTable
 from .rule import confidence_and_prediction, probabilities, should_exit
@@ -37,16 +38,14 @@ class EarlyExitExecutor:
         config: ExitConfiguration | None = None,
         device: str | torch.device = "cpu",
         channels_last: bool = True,
+        backend: ExecutionBackend | None = None,
     ) -> None:
         if exits.num_positions != backbone.num_positions or macs.num_positions != backbone.num_positions:
             raise ValueError("backbone, exits and MAC table disagree on the number of positions")
-        self.device = torch.device(device)
-        # NHWC lets oneDNN/cuDNN pick fast kernels for every layer (NCHW max-pooling alone costs
-        # more than the whole first block on CPU), so time follows MACs more closely. Values and
-        # weights hashes are unchanged: only strides differ.
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.backbone = backbone.to(self.device, memory_format=self.memory_format).eval()
-        self.exits = exits.to(self.device).eval()
+        self.backend = backend or TorchBackend(backbone, exits, torch.device(device), channels_last)
+        self.device = self.backend.device
+        self.backbone = backbone
+        self.exits = exits
         self.macs = macs
         self._path_costs: dict[ExitConfiguration, np.ndarray] = {}
         self._config = self._checked(config or ExitConfiguration.final_only(backbone.num_positions))
@@ -70,8 +69,7 @@ class EarlyExitExecutor:
         return config
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+        return self.backend.prepare(images)
 
     @torch.inference_mode()
     def run(self, images: torch.Tensor, config: ExitConfiguration | None = None) -> ExecutionResult:
@@ -83,15 +81,15 @@ class EarlyExitExecutor:
         exit_at = torch.full((batch,), self.num_positions - 1, dtype=torch.int64, device=self.device)
         alive = torch.arange(batch, device=self.device)  # original row of every running sample
         last = self.num_positions - 1
-        for n, segment in enumerate(self.backbone.segments):
-            x = segment(x)
+        for n in range(self.num_positions):
+            x = self.backend.segment(n, x)
             if n == last:
-                out[alive] = probabilities(self.backbone.head(x))
+                out[alive] = probabilities(self.backend.head_logits(x))
                 break
             k = config.exits[n]
             if k == 0:
                 continue
-            probs = probabilities(self.exits.exit(n, k)(x))
+            probs = probabilities(self.backend.exit_logits(n, k, x))
             confidence, _ = confidence_and_prediction(probs)
             leaving = should_exit(confidence, config.thresholds[n])
             num_leaving = int(leaving.sum())

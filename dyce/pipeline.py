@@ -69,10 +69,10 @@ class EarlyExitPipeline:
         if position is None:
             return []
         features, tags, configs = self._take(position)
-        x = self.executor.backbone.segments[position](features)
+        x = self.executor.backend.segment(position, features)
         last = self.executor.num_positions - 1
         if position == last:
-            probs = probabilities(self.executor.backbone.head(x))
+            probs = probabilities(self.executor.backend.head_logits(x))
             return self._exited(probs, tags, configs, position, torch.ones(len(tags), dtype=torch.bool))
         exited: list[ExitedSamples] = []
         for config, rows in _group_by_exit(configs, position):
@@ -83,7 +83,7 @@ class EarlyExitPipeline:
             if k == 0:
                 self._queues[position + 1].extend(_split_by_config(group_x, group_tags, group_configs))
                 continue
-            probs = probabilities(self.executor.exits.exit(position, k)(group_x))
+            probs = probabilities(self.executor.backend.exit_logits(position, k, group_x))
             confidence, _ = confidence_and_prediction(probs)
             leaving = should_exit(confidence, threshold).cpu()
             exited += self._exited(probs, group_tags, group_configs, position, leaving)

@@ -1,0 +1,162 @@
+"""What actually runs a segment, an exit or the head: eager PyTorch or ONNX Runtime.
+
+The executor and pipeline own the early-exit logic (the exit rule, compaction, queues); a
+backend only maps a batch tensor to the next tensor. Both backends take and return torch
+tensors, so softmax, ``should_exit`` and ``index_select`` are the same code whatever runs the
+network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from .backbones import SegmentedModel
+from .bank import BackboneIdentity
+from .exits import ExitSet
+
+
+class ExecutionBackend(Protocol):
+    name: str
+    device: torch.device
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor: ...
+    def segment(self, position: int, x: torch.Tensor) -> torch.Tensor: ...
+    def exit_logits(self, position: int, index: int, x: torch.Tensor) -> torch.Tensor: ...
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, backbone: SegmentedModel, exits: ExitSet, device: torch.device, channels_last: bool = True):
+        self.device = device
+        # NHWC lets oneDNN/cuDNN pick fast kernels for every layer (NCHW max-pooling alone costs
+        # more than the whole first block on CPU), so time follows MACs more closely. Values and
+        # weight hashes are unchanged: only strides differ.
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.backbone = backbone.to(device, memory_format=self.memory_format).eval()
+        self.exits = exits.to(device).eval()
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+
+    def segment(self, position: int, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.segments[position](x)
+
+    def exit_logits(self, position: int, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self.exits.exit(position, index)(x)
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.head(x)
+
+
+class OnnxGraph(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    file: str
+    sha256: str  # of the torch weights it was exported from
+
+
+class OnnxManifest(BaseModel):
+    """Ties exported graphs to the exact backbone and exit weights they came from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    backbone: BackboneIdentity
+    opset: int
+    segments: tuple[OnnxGraph, ...]
+    head: OnnxGraph
+    exits: dict[str, OnnxGraph]  # key "<position>.<index>"
+
+    @staticmethod
+    def exit_key(position: int, index: int) -> str:
+        return f"{position}.{index}"
+
+    @classmethod
+    def load(cls, directory: str | Path) -> OnnxManifest:
+        return cls.model_validate_json((Path(directory) / "manifest.json").read_text())
+
+
+class OnnxRuntimeBackend:
+    """One ONNX Runtime session per segment, per exit and for the head.
+
+    CUDA execution provider when the device is CUDA and onnxruntime-gpu is installed (with IO
+    binding, so tensors stay on the GPU between segments); CPU execution provider otherwise.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, directory: str | Path, device: torch.device, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.directory = Path(directory)
+        self.manifest = OnnxManifest.load(self.directory)
+        self.device = device
+        use_cuda = device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+        if device.type == "cuda" and not use_cuda:
+            raise RuntimeError("device is CUDA but onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+        self._io_binding = use_cuda
+        providers = (
+            [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+            if use_cuda
+            else ["CPUExecutionProvider"]
+        )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+
+        def session(graph: OnnxGraph):
+            return ort.InferenceSession(str(self.directory / graph.file), options, providers=providers)
+
+        self._segments = [session(g) for g in self.manifest.segments]
+        self._head = session(self.manifest.head)
+        self._exits = {key: session(g) for key, g in self.manifest.exits.items()}
+
+    def check_matches(self, backbone: BackboneIdentity, exit_hashes: dict[tuple[int, int], str]) -> None:
+        """Refuse graphs exported from other weights than the ones the bank was searched for."""
+        if self.manifest.backbone != backbone:
+            raise ValueError(f"ONNX graphs in {self.directory} were exported from another backbone")
+        for key, graph in self.manifest.exits.items():
+            position, index = map(int, key.split("."))
+            if exit_hashes.get((position, index)) != graph.sha256:
+                raise ValueError(f"ONNX exit {key} in {self.directory} was exported from other weights")
+
+    def has_exit(self, position: int, index: int) -> bool:
+        return OnnxManifest.exit_key(position, index) in self._exits
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True).float().contiguous()
+
+    def _run(self, session, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        if not self._io_binding:
+            return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        binding = session.io_binding()
+        binding.bind_input(
+            session.get_inputs()[0].name, "cuda", x.device.index or 0, np.float32, tuple(x.shape), x.data_ptr()
+        )
+        binding.bind_output(session.get_outputs()[0].name, "cuda", x.device.index or 0)
+        session.run_with_iobinding(binding)
+        output = binding.get_outputs()[0]
+        # dlpack hands the GPU buffer to torch without a copy.
+        return torch.utils.dlpack.from_dlpack(output.to_dlpack())
+
+    def segment(self, position: int, x: torch.Tensor) -> torch.Tensor:
+        return self._run(self._segments[position], x)
+
+    def exit_logits(self, position: int, index: int, x: torch.Tensor) -> torch.Tensor:
+        try:
+            session = self._exits[OnnxManifest.exit_key(position, index)]
+        except KeyError:
+            raise ValueError(f"exit ({position}, {index}) was not exported to ONNX") from None
+        return self._run(session, x)
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(self._head, x)
