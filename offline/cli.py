@@ -1,0 +1,138 @@
+"""``dyce-offline``: the offline toolchain, one command per step, plus ``build`` for all of them.
+
+Every command works on one artefact directory: ``--artifacts`` (or ``$DYCE_ARTIFACTS``,
+default ``./artifacts``), and reads what the previous step wrote there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from .layout import OfflineLayout, default_root
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    artifacts: Annotated[
+        Path | None, typer.Option(envvar="DYCE_ARTIFACTS", help="artefact directory (default ./artifacts)")
+    ] = None,
+) -> None:
+    ctx.obj = OfflineLayout(artifacts or default_root())
+
+
+def _echo(model) -> None:
+    typer.echo(model.model_dump_json(indent=1) if hasattr(model, "model_dump_json") else json.dumps(model, indent=1))
+
+
+@app.command()
+def data(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Option(help="fashion-mnist | image-folder")] = "fashion-mnist",
+    path: Annotated[Path | None, typer.Option(help="IDX directory or ImageFolder root (train/, test/)")] = None,
+    search_size: int = 10_000,
+    seed: int = 0,
+    download: Annotated[bool, typer.Option(help="download Fashion-MNIST via torchvision if absent")] = False,
+) -> None:
+    """Fix the exit-train / search / test splits."""
+    from .data import prepare_data
+
+    if source not in ("fashion-mnist", "image-folder"):
+        raise typer.BadParameter("source must be fashion-mnist or image-folder")
+    _echo(prepare_data(ctx.obj, source, path, search_size, seed, download=download))  # type: ignore[arg-type]
+
+
+@app.command("train-backbone")
+def train_backbone_command(ctx: typer.Context, epochs: int = 6, max_lr: float = 0.15, seed: int = 0) -> None:
+    """Train the demo backbone (resnet18_fmnist) on the exit-train split."""
+    from .train_backbone import BackboneRecipe, train_backbone
+
+    _echo(train_backbone(ctx.obj, BackboneRecipe(epochs=epochs, max_lr=max_lr, seed=seed)))
+
+
+@app.command("import-backbone")
+def import_backbone(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="registered backbone, e.g. resnet50")],
+    weights: Annotated[str, typer.Option(help="torchvision weights name (e.g. DEFAULT) or a state_dict file")],
+) -> None:
+    """Use a pre-trained backbone instead of training one (labels and transforms from the weights)."""
+    from .import_backbone import import_backbone as run
+
+    _echo(run(ctx.obj, name, weights))
+
+
+@app.command("train-exits")
+def train_exits_command(
+    ctx: typer.Context,
+    kinds: Annotated[str, typer.Option(help="comma-separated exit kinds")] = ",".join(
+        ("mlp1", "mlp3x500", "mlp3x1000", "mlp5x500", "mlp5x1000")
+    ),
+    epochs: int = 4,
+    targets: Annotated[str, typer.Option(help="soft (eq. 2-3, default) | hard (labels)")] = "soft",
+    bf16: bool = True,
+) -> None:
+    """Train every candidate exit with the backbone frozen."""
+    from .train_exits import ExitRecipe, train_exits
+
+    if targets not in ("soft", "hard"):
+        raise typer.BadParameter("targets must be soft or hard")
+    recipe = ExitRecipe(kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()), epochs=epochs, targets=targets)
+    _echo(train_exits(ctx.obj, recipe.model_copy(update={"bf16": bf16})))
+
+
+@app.command("record")
+def record_command(ctx: typer.Context) -> None:
+    """Record every exit's confidence, prediction and correctness on the search and test splits."""
+    from .records import record
+
+    _echo(record(ctx.obj).model_dump(include={"num_candidates", "sizes"}))
+
+
+@app.command()
+def search(
+    ctx: typer.Context,
+    algorithms: Annotated[str, typer.Option(help="comma-separated: iterative, single_pass, baseline")] = (
+        "iterative,single_pass,baseline"
+    ),
+    grid: Annotated[str, typer.Option(help="adaptive (refined, >= 50 distinct) | uniform (0..1 step 0.01)")] = (
+        "adaptive"
+    ),
+) -> None:
+    """Search configurations over the lambda grid and write the bank."""
+    from .bank_builder import build_bank
+
+    chosen = tuple(a.strip() for a in algorithms.split(",") if a.strip())
+    if grid not in ("adaptive", "uniform") or not set(chosen) <= {"iterative", "single_pass", "baseline"}:
+        raise typer.BadParameter("unknown grid or algorithm")
+    grid_kind: Literal["adaptive", "uniform"] = grid  # type: ignore[assignment]
+    _, runs = build_bank(ctx.obj, chosen, grid_kind)  # type: ignore[arg-type]
+    typer.echo(json.dumps([r.model_dump() for r in runs], indent=1))
+
+
+@app.command()
+def report(ctx: typer.Context) -> None:
+    """Plot the trade-off curves and write the Table II-style summary."""
+    from .report import make_report
+
+    _echo(make_report(ctx.obj))
+
+
+@app.command()
+def build(
+    ctx: typer.Context,
+    force: Annotated[bool, typer.Option(help="rerun every step")] = False,
+    subset: Annotated[int | None, typer.Option(help="small demo: this many exit-training images")] = None,
+) -> None:
+    """Run every missing step for the Fashion-MNIST demo."""
+    from .build import BuildOptions, build, demo_options
+
+    options = demo_options(subset) if subset else BuildOptions()
+    ran = build(ctx.obj, options, force=force)
+    typer.echo(json.dumps({"artifacts": str(ctx.obj.root), "ran": ran}))

@@ -1,0 +1,203 @@
+"""Configuration search (paper Sec. V-B): single-pass (Alg. 3), iterative (Alg. 2) and the paper's
+baseline (one exit type at every position, one shared threshold), over a grid of lambdas.
+
+Every lambda runs its own search, but lambdas whose searches stand on the same configuration
+share that configuration's cumulative sums (``objective.MoveTables``, the expensive part), so the
+work of the common first rounds is done once. The searches only *choose* configurations: the
+figures kept for them come from ``dyce.simulate.simulate``, the one shared rule.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from dyce.config import ExitConfiguration
+
+from .objective import MoveTables, SearchProblem, configuration_totals, move_tables
+
+UNIFORM_GRID = tuple(round(i / 100, 2) for i in range(101))
+
+
+def _key(exits: np.ndarray, thresholds: np.ndarray) -> bytes:
+    return exits.tobytes() + np.where(exits > 0, thresholds, 1.0).tobytes()
+
+
+def iterative(problem: SearchProblem, lams: Sequence[float], max_rounds: int | None = None, progress: bool = False):
+    """Alg. 2 for every lambda: each round applies the single best move (k_c, t_c) at any
+    position, k_c = 0 (disable) included, until no move strictly lowers eq. 12."""
+    max_rounds = max_rounds or 4 * len(problem.row_position) + problem.num_positions
+    states = {}
+    for lam in lams:
+        exits, thresholds = problem.empty()
+        states[lam] = [exits, thresholds, None]
+    active = list(lams)
+    bar = tqdm(total=len(lams), desc="iterative search", leave=False, disable=not progress)
+    for _ in range(max_rounds):
+        if not active:
+            break
+        groups: dict[bytes, list[float]] = defaultdict(list)
+        for lam in active:
+            groups[_key(*states[lam][:2])].append(lam)
+        still = []
+        for members in groups.values():
+            exits, thresholds, _ = states[members[0]]
+            tables = move_tables(problem, exits, thresholds)
+            correct, macs = configuration_totals(problem, exits, thresholds)
+            for lam in members:
+                current = float(problem.objective(lam, correct, macs))
+                move = _best_move(problem, tables, lam, exits)
+                if move is not None and move[3] < current:
+                    new_exits, new_thresholds = exits.copy(), thresholds.copy()
+                    new_exits[move[0]], new_thresholds[move[0]] = move[1], move[2]
+                    states[lam] = [new_exits, new_thresholds, move[3]]
+                    still.append(lam)
+                else:
+                    bar.update()
+        active = still
+    bar.close()
+    if active:
+        raise RuntimeError(f"iterative search did not converge within {max_rounds} rounds for lambda {active}")
+    return {lam: problem.configuration(*states[lam][:2]) for lam in lams}
+
+
+def _best_move(problem: SearchProblem, tables: MoveTables, lam: float, exits: np.ndarray):
+    """(position, k, threshold, value) of the lowest-objective move, or None."""
+    _, thresholds, values = tables.best_moves(problem, lam)
+    disable = problem.objective(lam, tables.off_correct, tables.off_macs)
+    enabled = np.flatnonzero(exits[:-1] > 0)
+    best_row = int(np.argmin(values))
+    best = (int(problem.row_position[best_row]), int(problem.row_k[best_row]), float(thresholds[best_row]))
+    best_value = float(values[best_row])
+    if len(enabled):
+        off = int(enabled[np.argmin(disable[enabled])])
+        if disable[off] < best_value:
+            return off, 0, 1.0, float(disable[off])
+    return (*best, best_value)
+
+
+def single_pass(problem: SearchProblem, lams: Sequence[float], progress: bool = False):
+    """Alg. 3 for every lambda: positions in order, each gets the best (k_c, t_c) given the
+    choices before it and nothing after it (so a sample passing it ends at the final head)."""
+    n_pos, m = problem.num_positions, problem.num_samples
+    exits0, thresholds0 = problem.empty()
+    states = {lam: (exits0.copy(), thresholds0.copy()) for lam in lams}
+    # Shared per group: which samples still run, and what those that left scored and cost.
+    groups: dict[bytes, tuple[list[float], np.ndarray, int, int]] = {
+        _key(exits0, thresholds0): (list(lams), np.ones(m, dtype=bool), 0, 0)
+    }
+    final_correct = problem.final_correct.astype(np.int64)
+    after = np.concatenate([np.cumsum(problem.segment_macs[::-1])[::-1][1:], [0]]) + problem.exit_macs[-1, 1]
+    for n in tqdm(range(n_pos - 1), desc="single-pass search", leave=False, disable=not progress):
+        rows = problem.rows_at[n]
+        next_groups: dict[bytes, tuple[list[float], np.ndarray, int, int]] = {}
+        for members, reach, left_correct, left_macs in groups.values():
+            exits, _ = states[members[0]]
+            arrive = int(problem.step_macs(exits)[:n].sum())
+            sorted_reach = reach[problem.order[rows]]
+            reached = int(reach.sum())
+            gain = np.cumsum((problem.sorted_correct[rows] - final_correct[problem.order[rows]]) * sorted_reach, axis=1)
+            saved = np.cumsum(sorted_reach, axis=1) * int(after[n])
+            off = np.zeros(n_pos, dtype=np.int64)
+            off_correct, off_macs = off.copy(), off.copy()
+            off_correct[n] = left_correct + int(final_correct[reach].sum())
+            off_macs[n] = left_macs + reached * (arrive + int(problem.segment_macs[n]) + int(after[n]))
+            reach_count = off.copy()
+            reach_count[n] = reached
+            tables = MoveTables(rows, gain, saved, off_correct, off_macs, reach_count)
+            current = {lam: float(problem.objective(lam, off_correct[n], off_macs[n])) for lam in members}
+            for lam in members:
+                _, thresholds, values = tables.best_moves(problem, lam)
+                i = int(np.argmin(values))
+                if values[i] < current[lam]:
+                    exits, ts = states[lam][0].copy(), states[lam][1].copy()
+                    exits[n], ts[n] = problem.row_k[rows[i]], thresholds[i]
+                    states[lam] = (exits, ts)
+            for lam in members:
+                key = _key(*states[lam])
+                if key not in next_groups:
+                    k = int(states[lam][0][n])
+                    if k:
+                        leaving = reach & (problem.records.confidence[n, k - 1] >= states[lam][1][n])
+                        exit_cost = arrive + int(problem.segment_macs[n] + problem.exit_macs[n, k])
+                        next_groups[key] = (
+                            [],
+                            reach & ~leaving,
+                            left_correct + int(problem.records.correct[n, k - 1][leaving].sum()),
+                            left_macs + int(leaving.sum()) * exit_cost,
+                        )
+                    else:
+                        next_groups[key] = ([], reach, left_correct, left_macs)
+                next_groups[key][0].append(lam)
+        groups = next_groups
+    return {lam: problem.configuration(*states[lam]) for lam in lams}
+
+
+def baseline(problem: SearchProblem, lams: Sequence[float]):
+    """The paper's baseline: the same exit type at every early position and one threshold t
+    shared by all of them; per lambda, the best type and the exact best t.
+
+    For one type, as t falls a sample's exit position moves only when t passes a confidence that
+    beats every earlier position's (a prefix maximum along the positions): each such event moves
+    the sample from the next such position (or the final head) to this one. Sorting all events
+    by confidence makes the objective for every distinct t a cumulative sum.
+    """
+    n_pos, m = problem.num_positions, problem.num_samples
+    best: dict[float, tuple[float, ExitConfiguration]] = {}
+    for k in range(1, min(problem.num_candidates[:-1]) + 1):
+        conf = problem.records.confidence[: n_pos - 1, k - 1]
+        correct = np.vstack([problem.records.correct[: n_pos - 1, k - 1], problem.final_correct[None]])
+        exits = np.full(n_pos, k, dtype=np.int64)
+        exits[-1] = 1
+        path = np.cumsum(problem.step_macs(exits))
+        earlier_max = np.vstack([np.full((1, m), -np.inf, np.float32), np.maximum.accumulate(conf, axis=0)[:-1]])
+        record = conf > earlier_max
+        # Next record position to the right (the final head if none): the sample's exit before the event.
+        position = np.where(record, np.arange(n_pos - 1)[:, None], n_pos - 1)
+        following = np.vstack([np.minimum.accumulate(position[::-1], axis=0)[::-1][1:], np.full((1, m), n_pos - 1)])
+        ev_pos, ev_sample = np.nonzero(record)
+        ev_from = following[ev_pos, ev_sample]
+        ev_conf = conf[ev_pos, ev_sample]
+        order = np.argsort(-ev_conf, kind="stable")
+        ev_conf = ev_conf[order]
+        d_correct = (correct[ev_pos, ev_sample].astype(np.int64) - correct[ev_from, ev_sample])[order]
+        d_macs = (path[ev_pos] - path[ev_from])[order]
+        is_end = np.append(ev_conf[:-1] != ev_conf[1:], True)
+        start_correct = int(problem.final_correct.sum())
+        start_macs = m * int(path[-1])
+        correct_t = start_correct + np.cumsum(d_correct)[is_end]
+        macs_t = start_macs + np.cumsum(d_macs)[is_end]
+        thresholds = ev_conf[is_end]
+        for lam in lams:
+            values = problem.objective(lam, correct_t, macs_t)
+            i = int(np.argmin(values))
+            value, t = float(values[i]), float(thresholds[i])
+            none_value = float(problem.objective(lam, start_correct, start_macs))
+            if none_value <= value:  # no threshold helps: the best is never to exit early
+                value, config = none_value, ExitConfiguration.final_only(n_pos)
+            else:
+                config = problem.configuration(exits, np.full(n_pos, t))
+            if lam not in best or value < best[lam][0]:
+                best[lam] = (value, config)
+    return {lam: config for lam, (_, config) in best.items()}
+
+
+def adaptive_grid(
+    search, lams: Sequence[float] = UNIFORM_GRID, min_distinct: int = 50, max_lams: int = 400, min_gap: float = 1e-4
+) -> dict[float, ExitConfiguration]:
+    """Refine lambda where neighbouring lambdas gave different configurations, bisecting the
+    widest such gaps (in metric space) first, until ``min_distinct`` distinct configurations
+    exist or no gap can be split further. ``search(lams) -> {lam: configuration}``."""
+    found = dict(search(list(lams)))
+    while len(set(found.values())) < min_distinct and len(found) < max_lams:
+        ordered = sorted(found)
+        gaps = [(a, b) for a, b in zip(ordered, ordered[1:], strict=False) if found[a] != found[b] and b - a > min_gap]
+        if not gaps:
+            break
+        budget = min(len(gaps), max_lams - len(found))
+        midpoints = [round((a + b) / 2, 6) for a, b in gaps[:budget]]
+        found.update(search(midpoints))
+    return dict(sorted(found.items()))
