@@ -43,10 +43,8 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml constraints.txt ./
 # Dependencies first (cached while pyproject/constraints do not change), then the project itself.
-RUN python - <<'EOF' > /tmp/requirements.txt
-import tomllib
-print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))
-EOF
+RUN python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
+    > /tmp/requirements.txt
 RUN pip install -c constraints.txt ${TORCH_CPU_INDEX:+--extra-index-url "$TORCH_CPU_INDEX"} -r /tmp/requirements.txt
 COPY --from=source /src /src
 RUN pip install --no-deps . && pip check

@@ -68,17 +68,11 @@ class Dockerfile:
         self.stages: dict[str, list[tuple[str, str]]] = {}
         self.parents: dict[str, str] = {}
         current = None
-        heredoc = None
         for line in lines:
-            if heredoc:
-                heredoc = None if line.strip() == heredoc else heredoc
-                continue
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             instruction, _, rest = line.strip().partition(" ")
             instruction = instruction.upper()
-            if marker := re.search(r"<<'?(\w+)'?", rest):
-                heredoc = marker.group(1)
             if instruction == "FROM":
                 base, _, name = rest.partition(" AS ")
                 current = name.strip()
