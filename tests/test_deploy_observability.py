@@ -129,6 +129,16 @@ def test_promtool_accepts_config_and_rules_and_their_unit_tests():
     assert tested_alerts == {name for name, _ in rule_expressions()}, "every alert has a firing unit test"
 
 
+def test_latency_alert_threshold_is_the_services_slo():
+    from service import Settings
+
+    (expr,) = [expr for name, expr in rule_expressions() if name == "DyceLatencyP95OverSLO"]
+    threshold_s = float(re.search(r"\)\s*>\s*([0-9.]+)\s*$", expr).group(1))
+    assert threshold_s * 1e3 == Settings.model_fields["slo_p95_ms"].default
+    config = yaml.safe_load((ROOT / "deploy" / "k8s" / "configmap.yaml").read_text())["data"]
+    assert threshold_s * 1e3 == float(config["DYCE_SLO_P95_MS"])
+
+
 def test_dashboard_is_importable_as_is():
     text = DASHBOARD.read_text()
     board = json.loads(text)
