@@ -1,13 +1,14 @@
 """Load-driven tier selection.
 
-Cost model per configuration: an executor call on ``b`` images takes ``overhead + b * per_image``
-seconds. ``overhead`` (Python, dispatch) is shared; ``per_image`` is calibrated per tier at
-start-up and then follows live batches with an exponentially weighted moving average, so it
-tracks the real input mix and a busier CPU. Capacity = images per second at full batches.
+Cost model per configuration: a pipeline step that completes ``b`` images takes
+``overhead + b * per_image`` seconds. ``overhead`` (Python, dispatch, partial batches) is shared;
+``per_image`` is calibrated per tier at start-up through the serving pipeline and then follows
+live steps with an exponentially weighted moving average, so it tracks the real input mix and
+a busier CPU. Capacity = images per second at full batches.
 
 Every tick the switcher compares the arrival rate of the last window with each tier's
 capacity and picks the most accurate tier that runs below the target utilisation and whose
-full batch fits in half the SLO. A tier is left downward as soon as it is overloaded (or its
+steady-state batches (see ``steady_batch_time``) keep a request within the SLO. A tier is left downward as soon as it is overloaded (or its
 queue wait p95 passes half the SLO, which means its estimate is too optimistic) after a
 short dwell, and climbed to only with extra headroom (hysteresis) after a longer dwell, so
 steady load never flaps. A manual pin turns it off; admission control keeps the queue
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from dyce.config import ExitConfiguration
+from dyce.pipeline import EarlyExitPipeline
 
 from .batcher import BatchReport
 from .errors import QueueFull
@@ -52,26 +54,32 @@ class CostModel:
 
     @classmethod
     def calibrate(cls, runtime: ModelRuntime, tiers: list[Tier], batch: int, rounds: int) -> CostModel:
-        """Time every tier at batch 1 and at ``batch`` on fixed random inputs (median of ``rounds``)."""
+        """Time every tier through the serving pipeline on fixed random inputs (median of
+        ``rounds``): one image alone gives the fixed cost, ``4 * batch`` images the cost per image."""
         generator = torch.Generator().manual_seed(1)
         one = torch.randn(1, *runtime.input_shape, generator=generator)
-        full = torch.randn(batch, *runtime.input_shape, generator=generator)
+        many = torch.randn(4 * batch, *runtime.input_shape, generator=generator)
 
         def timed(images: torch.Tensor, config: ExitConfiguration) -> float:
             times = []
             for _ in range(rounds):
+                pipeline = EarlyExitPipeline(runtime.executor, batch)
                 start = time.perf_counter()
-                runtime.run(images, config)
+                for chunk in images.split(batch):
+                    pipeline.push(chunk, list(range(chunk.shape[0])), config)
+                    while pipeline.has_full_batch():
+                        pipeline.step()
+                while pipeline.waiting():
+                    pipeline.step(flush=True)
                 times.append(time.perf_counter() - start)
             return float(np.median(times))
 
         overheads, per_image = [], {}
         for tier in tiers:
-            t_one, t_full = timed(one, tier.config), timed(full, tier.config)
-            slope = max((t_full - t_one) / max(batch - 1, 1), 1e-7)
-            overheads.append(max(t_one - slope, 0.0))
-            per_image[tier.config] = slope if batch > 1 else t_one
-        overhead = float(np.median(overheads)) if batch > 1 else 0.0
+            t_one, t_many = timed(one, tier.config), timed(many, tier.config)
+            per_image[tier.config] = t_many / many.shape[0]
+            overheads.append(max(t_one - per_image[tier.config], 0.0))
+        overhead = float(np.median(overheads))
         for tier in tiers:
             log.info(
                 "calibrated tier %d (lambda %.4g): %.3f ms/image, overhead %.3f ms, capacity %.0f images/s",
@@ -99,8 +107,12 @@ class CostModel:
         return full if load >= 1 else min(self.overhead_s / (1 - load), full)
 
     def observe(self, report: BatchReport) -> None:
-        observed = max(report.inference_s - self.overhead_s, 0.0) / report.size
-        estimate = self.estimates.setdefault(report.config, CostEstimate(observed))
+        """Follow a step whose images all ran under one configuration."""
+        if report.completed < 2 or len(report.configs) != 1:
+            return
+        (config,) = report.configs
+        observed = max(report.inference_s - self.overhead_s, 0.0) / report.completed
+        estimate = self.estimates.setdefault(config, CostEstimate(observed))
         estimate.per_image_s += EWMA_ALPHA * (observed - estimate.per_image_s)
         estimate.samples += 1
 
@@ -167,8 +179,7 @@ class Autoswitcher:
 
     def batch_done(self, report: BatchReport) -> None:
         self.costs.observe(report)
-        if not report.overrides_active:
-            self.window.waited(report.queue_waits_s)
+        self.window.waited(report.queue_waits_s)
 
     def admit(self, images: int) -> None:
         """Refuse work the active tier could not start within half the SLO (auto mode only)."""

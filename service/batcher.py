@@ -1,12 +1,18 @@
-"""Bounded queue + dynamic batcher in front of the executor (LitServe's request path).
+"""Bounded queue + dynamic batcher in front of the core's continuous early-exit pipeline.
 
 Handlers ``submit`` a job (one request's images, already decoded, bound to one tier) and await
-its future. A single asyncio task gathers jobs for up to ``max_delay`` or ``max_batch`` images,
-splits the batch by configuration so each executor call runs under exactly one, and hands it
-to a one-thread pool: torch never runs on the event loop, and batches never overlap.
+its future. One asyncio task admits whatever queued up while the previous step ran and hands
+it to a one-thread pool, where ``dyce.pipeline.EarlyExitPipeline`` runs it: every segment runs
+on full batches, survivors of an exit wait at their position for later arrivals, and each
+sample carries its own configuration, so a switch never changes a sample in flight and every
+answer comes from exactly one configuration. torch never runs on the event loop.
 
-A job whose future is already done when its batch forms (its request timed out, or the client
-went away) is dropped before any model work is spent on it.
+Partial batches run (``flush``) when nothing else is queued, or when the oldest sample inside
+the pipeline has waited ``max_wait_s``: under sustained load the rare sample that reaches a
+deep position would otherwise wait for companions that come slowly.
+
+A job whose future is already done when it would be admitted (its request timed out, or the
+client went away) is dropped before any model work is spent on it.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import numpy as np
 import torch
 
 from dyce.config import ExitConfiguration
-from dyce.executor import ExecutionResult
+from dyce.pipeline import EarlyExitPipeline, ExitedSamples
 
 from .errors import QueueFull
 from .runtime import Tier
@@ -38,6 +44,13 @@ class Job:
     overrides_active: bool  # the client asked for a tier other than the active one
     future: asyncio.Future[JobResult]
     enqueued: float = field(default_factory=time.perf_counter)
+    admitted: float = 0.0
+    admitted_with: int = 0  # images admitted in the same step
+    # Filled as rows leave the pipeline.
+    probabilities: torch.Tensor | None = None
+    exit_positions: np.ndarray | None = None
+    relative_macs: np.ndarray | None = None
+    remaining: int = 0
 
     @property
     def size(self) -> int:
@@ -50,26 +63,26 @@ class JobResult:
     exit_positions: np.ndarray  # (k,)
     relative_macs: np.ndarray  # (k,)
     tier: Tier
-    queue_s: float
-    inference_s: float
-    batch_size: int
+    queue_s: float  # enqueue -> admitted into the pipeline
+    inference_s: float  # admitted -> last image left
+    batch_size: int  # images admitted in the same step
 
 
 @dataclass(frozen=True)
 class BatchReport:
-    """What observers (metrics, autoswitcher) learn about every executor call."""
+    """What observers (metrics, autoswitcher) learn about every pipeline step."""
 
-    config: ExitConfiguration
-    overrides_active: bool
-    size: int
+    admitted: int  # images that entered the pipeline
+    completed: int  # images that left it
     inference_s: float
-    queue_waits_s: list[float]
+    queue_waits_s: list[float]  # one per admitted job
+    configs: frozenset[ExitConfiguration]  # of the images that left
+    overrides: int  # admitted jobs that run under a tier of their own choosing
     exit_positions: np.ndarray
     relative_macs: np.ndarray
 
 
 BatchObserver = Callable[[BatchReport], None]
-RunBatch = Callable[[torch.Tensor, ExitConfiguration], ExecutionResult]
 
 
 def _report_death(task: asyncio.Task[None]) -> None:
@@ -80,19 +93,21 @@ def _report_death(task: asyncio.Task[None]) -> None:
 class DynamicBatcher:
     def __init__(
         self,
-        run_batch: RunBatch,
-        max_batch: int,
+        pipeline: EarlyExitPipeline,
         max_delay_s: float,
+        max_wait_s: float,
         capacity: int,
         observers: list[BatchObserver] | None = None,
     ) -> None:
-        self._run_batch = run_batch
-        self.max_batch = max_batch
+        self.pipeline = pipeline
+        self.max_batch = pipeline.batch_size
         self.max_delay_s = max_delay_s
+        self.max_wait_s = max_wait_s
         self.capacity = capacity
         self.observers = list(observers or [])
         self._queue: deque[Job] = deque()
         self._queued_images = 0
+        self._inside: dict[int, Job] = {}  # jobs with images in the pipeline, by id
         self._wakeup = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dyce-infer")
         self._task: asyncio.Task[None] | None = None
@@ -113,7 +128,7 @@ class DynamicBatcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for job in self._queue:
+        for job in [*self._queue, *self._inside.values()]:
             if not job.future.done():
                 job.future.cancel()
         self._queue.clear()
@@ -130,31 +145,23 @@ class DynamicBatcher:
         self._wakeup.set()
         return job
 
-    def _pop(self) -> Job:
-        job = self._queue.popleft()
-        self._queued_images -= job.size
-        return job
-
-    async def _gather(self) -> list[Job]:
-        """Jobs for one batch: wait for the first, then fill up until max_batch or the delay ends."""
-        while not self._queue:
+    async def _admissible(self) -> list[Job]:
+        """Queued jobs to admit: at least one unless the pipeline still holds work."""
+        while not self._queue and not self._inside:
             self._wakeup.clear()
             await self._wakeup.wait()
-        deadline = time.perf_counter() + self.max_delay_s
-        while True:
-            if self._queued_images >= self.max_batch:
-                break
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                break
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except TimeoutError:
-                break
+        if self._queue and not self._inside and self.max_delay_s > 0:
+            deadline = time.perf_counter() + self.max_delay_s
+            while self._queued_images < self.max_batch and (remaining := deadline - time.perf_counter()) > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
         jobs, images = [], 0
-        while self._queue and images + self._queue[0].size <= self.max_batch:
-            job = self._pop()
+        while self._queue and images < self.max_batch:
+            job = self._queue.popleft()
+            self._queued_images -= job.size
             if job.future.done():
                 continue  # answered already (timeout, disconnect): spend nothing on it
             jobs.append(job)
@@ -164,54 +171,93 @@ class DynamicBatcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = await self._gather()
-            groups: dict[ExitConfiguration, list[Job]] = {}
+            jobs = await self._admissible()
+            if not jobs and not self._inside:
+                continue  # everything queued had been answered already
+            now = time.perf_counter()
             for job in jobs:
-                groups.setdefault(job.tier.config, []).append(job)
-            for config, group in groups.items():
-                started = time.perf_counter()
-                try:
-                    images = torch.cat([job.images for job in group]) if len(group) > 1 else group[0].images
-                    result = await loop.run_in_executor(self._pool, self._run_batch, images, config)
-                except Exception as err:  # a model failure must answer its requests, not kill the loop
-                    log.exception("executor failed on a batch of %d jobs", len(group))
-                    for job in group:
-                        if not job.future.done():
-                            job.future.set_exception(err)
-                    continue
-                self._deliver(group, result, started, time.perf_counter())
+                job.admitted, job.admitted_with, job.remaining = now, sum(j.size for j in jobs), job.size
+                self._inside[id(job)] = job
+            try:
+                exited = await loop.run_in_executor(self._pool, self._advance, jobs)
+            except Exception as err:  # a model failure must answer its requests, not kill the loop
+                log.exception("the pipeline failed; failing the %d requests inside it", len(self._inside))
+                self._fail_inside(err)
+                continue
+            self._deliver(jobs, exited, now, time.perf_counter())
 
-    def _deliver(self, group: list[Job], result: ExecutionResult, started: float, finished: float) -> None:
-        inference_s = finished - started
-        size = int(result.exit_positions.shape[0])
-        positions = result.exit_positions.numpy()
-        offset = 0
-        for job in group:
-            rows = slice(offset, offset + job.size)
-            offset += job.size
+    def _advance(self, jobs: list[Job]) -> list[ExitedSamples]:
+        """Worker thread: admit, run every full batch, and flush partial ones when idle or late."""
+        for job in jobs:
+            self.pipeline.push(job.images, [(id(job), row) for row in range(job.size)], job.tier.config)
+        exited: list[ExitedSamples] = []
+        while self.pipeline.has_full_batch():
+            exited += self.pipeline.step()
+        oldest = min((job.admitted for job in self._inside.values()), default=time.perf_counter())
+        late = time.perf_counter() - oldest > self.max_wait_s
+        # len() of a deque is safe to read from this thread; the loop only appends meanwhile.
+        while self.pipeline.waiting() and (late or not self._queue):
+            exited += self.pipeline.step(flush=True)
+        return exited
+
+    def _fail_inside(self, err: Exception) -> None:
+        for job in self._inside.values():
             if not job.future.done():
-                job.future.set_result(
-                    JobResult(
-                        probabilities=result.probabilities[rows],
-                        exit_positions=positions[rows],
-                        relative_macs=result.relative_macs[rows],
-                        tier=job.tier,
-                        queue_s=started - job.enqueued,
-                        inference_s=inference_s,
-                        batch_size=size,
-                    )
-                )
+                job.future.set_exception(err)
+        self._inside.clear()
+        self.pipeline = EarlyExitPipeline(self.pipeline.executor, self.max_batch)
+
+    def _deliver(self, admitted: list[Job], exited: list[ExitedSamples], started: float, finished: float) -> None:
+        positions, costs = [], []
+        for group in exited:
+            # job id -> (its rows, where they sit in this group); a job's rows need not be adjacent
+            placement: dict[int, tuple[list[int], list[int]]] = {}
+            for i, (job_id, row) in enumerate(group.tags):
+                rows, indices = placement.setdefault(job_id, ([], []))
+                rows.append(row)
+                indices.append(i)
+            for job_id, (rows, indices) in placement.items():
+                job = self._inside[job_id]
+                if job.probabilities is None:
+                    job.probabilities = torch.empty(job.size, group.probabilities.shape[1])
+                    job.exit_positions = np.empty(job.size, dtype=np.int64)
+                    job.relative_macs = np.empty(job.size, dtype=np.float64)
+                job.probabilities[rows] = group.probabilities[indices]
+                job.exit_positions[rows] = group.position
+                job.relative_macs[rows] = group.relative_macs
+                job.remaining -= len(rows)
+                if job.remaining == 0:
+                    self._complete(self._inside.pop(job_id), finished)
+            positions += [group.position] * len(group.tags)
+            costs += [group.relative_macs] * len(group.tags)
         report = BatchReport(
-            config=result.config,
-            overrides_active=any(job.overrides_active for job in group),
-            size=size,
-            inference_s=inference_s,
-            queue_waits_s=[started - job.enqueued for job in group],
-            exit_positions=positions,
-            relative_macs=result.relative_macs,
+            admitted=sum(job.size for job in admitted),
+            completed=len(positions),
+            inference_s=finished - started,
+            queue_waits_s=[job.admitted - job.enqueued for job in admitted],
+            configs=frozenset(group.config for group in exited),
+            overrides=sum(job.overrides_active for job in admitted),
+            exit_positions=np.asarray(positions, dtype=np.int64),
+            relative_macs=np.asarray(costs, dtype=np.float64),
         )
         for observer in self.observers:
             try:
                 observer(report)
             except Exception:  # bookkeeping must never stop the serving loop
                 log.exception("batch observer %r failed", observer)
+
+    @staticmethod
+    def _complete(job: Job, finished: float) -> None:
+        if job.future.done():
+            return  # timed out or abandoned while inside: its rows are discarded
+        job.future.set_result(
+            JobResult(
+                probabilities=job.probabilities,
+                exit_positions=job.exit_positions,
+                relative_macs=job.relative_macs,
+                tier=job.tier,
+                queue_s=job.admitted - job.enqueued,
+                inference_s=finished - job.admitted,
+                batch_size=job.admitted_with,
+            )
+        )

@@ -33,10 +33,13 @@ class Metrics:
             "dyce_queue_duration_seconds", "Enqueue to batch start", buckets=LATENCY_BUCKETS, registry=r
         )
         self.inference_duration = Histogram(
-            "dyce_inference_duration_seconds", "Executor time per batch", buckets=LATENCY_BUCKETS, registry=r
+            "dyce_inference_duration_seconds", "Early-exit pipeline time per step", buckets=LATENCY_BUCKETS, registry=r
         )
         self.batch_size = Histogram(
-            "dyce_batch_size", "Images per executor call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+            "dyce_batch_size",
+            "Images admitted to the pipeline per step",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
         )
         self.exits = Counter("dyce_exits", "Images by the position they left at", ["position"], registry=r)
         self.relative_macs = Histogram(
@@ -58,7 +61,8 @@ class Metrics:
 
     # Callbacks the service components are wired to.
     def batch_done(self, report: BatchReport) -> None:
-        self.batch_size.observe(report.size)
+        if report.admitted:
+            self.batch_size.observe(report.admitted)
         self.inference_duration.observe(report.inference_s)
         for wait in report.queue_waits_s:
             self.queue_duration.observe(wait)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from starlette.requests import Request
 
+from dyce.pipeline import EarlyExitPipeline
+
 from .autoswitch import Autoswitcher, CostModel
 from .batcher import BatchReport, DynamicBatcher, JobResult
 from .errors import BadRequest, ClientGone, NotReady, Timeout
@@ -50,9 +52,9 @@ class Service:
         self.runtime = await asyncio.to_thread(ModelRuntime, self.settings)
         self.state = TierState(self.runtime.initial_bank, self.settings.autoswitch, [self._tier_changed])
         self.batcher = DynamicBatcher(
-            self.runtime.run,
-            max_batch=self.settings.max_batch_size,
+            EarlyExitPipeline(self.runtime.executor, self.settings.max_batch_size),
             max_delay_s=self.settings.max_queue_delay_ms / 1e3,
+            max_wait_s=self.settings.max_pipeline_wait_ms / 1e3,
             capacity=self.settings.queue_capacity,
             observers=[self.metrics.batch_done, self._count_request_tier],
         )
@@ -95,8 +97,8 @@ class Service:
             self.metrics.switches.labels(reason=active.reason).inc()
 
     def _count_request_tier(self, report: BatchReport) -> None:
-        if report.overrides_active:
-            self.metrics.switches.labels(reason="request").inc()
+        if report.overrides:
+            self.metrics.switches.labels(reason="request").inc(report.overrides)
 
     def _count_decision(self, action: str) -> None:
         self.metrics.autoswitch_decisions.labels(action=action).inc()

@@ -25,7 +25,12 @@ class Settings(BaseSettings):
 
     # Dynamic batching and admission.
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per executor call, also per request")
-    max_queue_delay_ms: float = Field(2.0, ge=0, description="how long the batcher waits to fill a batch")
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0, description="extra wait to fill a batch; 0 = take what queued up while the last batch ran"
+    )
+    max_pipeline_wait_ms: float = Field(
+        10.0, ge=0, description="longest an image waits inside the pipeline for a full batch at its position"
+    )
     queue_capacity: int = Field(256, ge=1, description="queued requests beyond which the server answers 429")
     request_timeout_s: float = Field(10.0, gt=0, description="arrival to answer; past it the server answers 504")
 

@@ -1,0 +1,112 @@
+"""Shared by the serving benches: run ``dyce-serve`` in its own process, real images, tiers."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from dyce.artifacts import ArtifactLayout, load_bank_for
+from dyce.bank import Bank
+
+FASHION_MNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+
+
+def fashion_mnist_pngs(count: int) -> list[bytes]:
+    """The first ``count`` real Fashion-MNIST test images, PNG-encoded as a client would send them."""
+    data = gzip.decompress(FASHION_MNIST_TEST.read_bytes())
+    images = np.frombuffer(data, dtype=np.uint8, offset=16).reshape(-1, 28, 28)[:count]
+    encoded = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    return encoded
+
+
+def load_bank(artifacts: Path) -> Bank:
+    return load_bank_for(ArtifactLayout(artifacts))
+
+
+def drop_tier(bank: Bank, max_drop: float) -> int:
+    """Cheapest entry whose expected accuracy is within ``max_drop`` (relative) of the best entry."""
+    best = bank.entries[bank.most_accurate()].search.accuracy
+    return bank.reaching_accuracy(best * (1 - max_drop))
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m service`` with ``DYCE_*`` settings, started and stopped by its pid."""
+
+    def __init__(self, artifacts: Path, log_path: Path, **settings: object) -> None:
+        self.log_path = log_path
+        self.token = secrets.token_urlsafe(24)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "DYCE_ARTIFACTS_DIR": str(artifacts),
+            "DYCE_ADMIN_TOKEN": self.token,
+            "DYCE_PORT": str(self.port),
+            **{f"DYCE_{key.upper()}": str(value) for key, value in settings.items()},
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def __enter__(self) -> ServerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # A file, not a pipe: a pipe nobody reads fills up and blocks the server's logging.
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"dyce-serve exited: {self.log_path.read_text()[-2000:]}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
+                    return self
+            time.sleep(0.2)
+        raise TimeoutError("dyce-serve did not become ready")
+
+    def __exit__(self, *_: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def admin(self, method: str, path: str, **kwargs: object) -> dict:
+        response = httpx.request(method, f"{self.url}{path}", headers=self.admin_headers, timeout=30, **kwargs)
+        response.raise_for_status()
+        return response.json()
+
+    def pin(self, index: int) -> dict:
+        return self.admin("POST", "/admin/active", json={"index": index})
+
+
+def percentile_ms(seconds: list[float], q: float) -> float:
+    return float(np.percentile(seconds, q) * 1e3) if seconds else float("nan")
