@@ -9,9 +9,9 @@ serve: setup
 	.venv/bin/dyce-serve
 
 test: setup
-	.venv/bin/ruff check dyce offline service tests bench
+	.venv/bin/ruff check dyce offline service tests bench deploy
 	.venv/bin/pytest -q
 
 lint: setup
-	.venv/bin/ruff check dyce offline service tests bench
-	.venv/bin/ruff format --check dyce offline service tests bench
+	.venv/bin/ruff check dyce offline service tests bench deploy
+	.venv/bin/ruff format --check dyce offline service tests bench deploy
