@@ -74,7 +74,7 @@ def train_exits_command(
     kinds: Annotated[str, typer.Option(help="comma-separated exit kinds")] = ",".join(
         ("mlp1", "mlp3x500", "mlp3x1000", "mlp5x500", "mlp5x1000")
     ),
-    epochs: int = 4,
+    epochs: int = 3,
     targets: Annotated[str, typer.Option(help="soft (eq. 2-3, default) | hard (labels)")] = "soft",
     bf16: bool = True,
 ) -> None:

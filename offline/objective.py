@@ -22,6 +22,7 @@ import numpy as np
 
 from dyce.config import ExitConfiguration
 from dyce.macs import MacTable
+from dyce.rule import should_exit
 from dyce.simulate import ExitRecords
 
 
@@ -162,7 +163,8 @@ def _decisions(problem: SearchProblem, exits: np.ndarray, thresholds: np.ndarray
     correct_here = np.zeros_like(exit_here)
     for n in np.flatnonzero(exits[:-1]):
         k = int(exits[n])
-        exit_here[n] = records.confidence[n, k - 1] >= thresholds[n]  # dyce.rule.should_exit
+        # A Python float, as in ExitConfiguration: compared in the records' float32, like the runtime.
+        exit_here[n] = should_exit(records.confidence[n, k - 1], float(thresholds[n]))
         correct_here[n] = records.correct[n, k - 1]
     exit_here[-1] = True
     correct_here[-1] = problem.final_correct

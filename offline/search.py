@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dyce.config import ExitConfiguration
+from dyce.rule import should_exit
 
 from .objective import MoveTables, SearchProblem, configuration_totals, move_tables
 
@@ -121,7 +122,7 @@ def single_pass(problem: SearchProblem, lams: Sequence[float], progress: bool = 
                 if key not in next_groups:
                     k = int(states[lam][0][n])
                     if k:
-                        leaving = reach & (problem.records.confidence[n, k - 1] >= states[lam][1][n])
+                        leaving = reach & should_exit(problem.records.confidence[n, k - 1], float(states[lam][1][n]))
                         exit_cost = arrive + int(problem.segment_macs[n] + problem.exit_macs[n, k])
                         next_groups[key] = (
                             [],

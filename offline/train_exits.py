@@ -35,7 +35,7 @@ class ExitRecipe(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     kinds: tuple[str, ...] = PAPER_EXIT_KINDS
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 256
     lr: float = 3e-4
     targets: str = "soft"  # "soft": eq. 2-3 against the backbone's output; "hard": the labels

@@ -1,0 +1,132 @@
+"""End to end on a small subset of the real Fashion-MNIST: the `dyce-offline build` CLI, then
+what each step left behind (records format, bank vs artefacts, report), and the frozen backbone."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from dyce.artifacts import load_backbone, load_bank_for, load_exits
+from dyce.exits import ExitSet, register_exit_kind
+from dyce.hashing import state_dict_sha256
+from dyce.simulate import simulate
+from offline.cli import app
+from offline.data import load_split, read_idx
+from offline.layout import OfflineLayout
+from offline.records import load_records
+from offline.train_backbone import evaluate, frozen
+from offline.train_exits import ExitRecipe, pooled_features, train_exits, train_on_maps, train_on_pooled
+
+SUBSET = 1200
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> OfflineLayout:
+    root = tmp_path_factory.mktemp("artifacts")
+    result = CliRunner().invoke(app, ["--artifacts", str(root), "build", "--subset", str(SUBSET)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["ran"] == [
+        "data",
+        "train-backbone",
+        "train-exits",
+        "record",
+        "search",
+        "report",
+    ]
+    return OfflineLayout(root)
+
+
+def test_idx_reader_reads_the_real_files():
+    images = read_idx("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+    labels = read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
+    assert images.shape == (10_000, 28, 28) and images.dtype == np.uint8
+    assert labels.shape == (10_000,) and set(np.unique(labels)) == set(range(10))
+
+
+def test_splits_are_disjoint_and_seeded(built):
+    splits = np.load(built.splits)
+    assert not set(splits["exit_train"]) & set(splits["search"])
+    assert len(splits["exit_train"]) == SUBSET and len(splits["search"]) == len(splits["test"]) == SUBSET // 2
+
+
+def test_build_is_restartable(built):
+    result = CliRunner().invoke(app, ["--artifacts", str(built.root), "build", "--subset", str(SUBSET)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["ran"] == []
+
+
+def test_records_round_trip_and_agree_with_the_backbone(built):
+    manifest, records = load_records(built)
+    backbone, backbone_manifest = load_backbone(built)
+    exits, _ = load_exits(built)
+    assert manifest.backbone == backbone_manifest.identity
+    assert manifest.num_candidates == tuple(exits.num_candidates)
+    test = records["test"]
+    assert test.confidence.shape == (backbone.num_positions, 2, SUBSET // 2)
+    early = test.confidence[:-1]
+    assert np.all((early >= 0.1 - 1e-6) & (early <= 1.0))  # max softmax of 10 classes
+    accuracy = evaluate(backbone.model, load_split(built, "test", backbone_manifest.preprocess))
+    assert test.original_accuracy == pytest.approx(accuracy)
+    with np.load(built.records) as data:
+        labels = data["test_labels"]
+        assert np.array_equal(data["test_correct"], data["test_prediction"] == labels[None, None, :])
+
+
+def test_bank_matches_artefacts_and_simulation(built):
+    bank = load_bank_for(built)
+    _, records = load_records(built)
+    assert {e.algorithm for e in bank.entries} == {"iterative", "single_pass", "baseline"}
+    assert bank.frontier()
+    for entry in bank.entries[::17]:
+        result = simulate(records["test"], entry.config, bank.macs)
+        assert entry.test.accuracy == result.accuracy and entry.test.relative_macs == result.relative_macs
+    report = json.loads(built.report_json.read_text())
+    for split in ("search", "test"):
+        assert set(report[f"{split}_rel_macs_at_drop"]) == {"0.5", "2", "5"}
+    assert built.report_png.read_bytes()[:4] == b"\x89PNG"
+
+
+class ConvExit(nn.Module):
+    """An exit that needs the full feature map (not global-average-pooled first)."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8, 1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).amax(dim=(2, 3)))
+
+
+def test_exit_training_leaves_the_backbone_untouched(built, tmp_path):
+    """Both paths (pooled-feature cache and full maps) train their exits; the backbone's
+    state_dict hash is identical before and after."""
+    try:
+        register_exit_kind("test_conv", ConvExit)
+    except ValueError:
+        pass  # registered by an earlier test in this process
+    layout = OfflineLayout(tmp_path)
+    for path in (built.data_manifest, built.backbone_manifest, built.backbone_weights):
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    np.savez(layout.splits, **{k: v[:200] for k, v in np.load(built.splits).items()})
+    backbone, manifest = load_backbone(layout)
+    before = state_dict_sha256(backbone.model)
+    recipe = ExitRecipe(kinds=("mlp1", "test_conv"), epochs=1, batch_size=50)
+
+    exits = ExitSet.build([s[0] for s in backbone.position_shapes()], 10, recipe.kinds)
+    initial = {(s.position, s.index): state_dict_sha256(exits.exit(s.position, s.index)) for s in exits.all_specs()}
+    dataset = load_split(layout, "exit_train", manifest.preprocess)
+    pooled, teacher, labels = pooled_features(frozen(backbone), dataset, range(backbone.num_positions - 1))
+    train_on_pooled(exits, pooled, teacher, labels, recipe, torch.Generator().manual_seed(0))
+    train_on_maps(backbone, exits, dataset, recipe, torch.Generator().manual_seed(0))
+    for spec in exits.all_specs():
+        assert state_dict_sha256(exits.exit(spec.position, spec.index)) != initial[(spec.position, spec.index)]
+    assert state_dict_sha256(backbone.model) == before
+
+    report = train_exits(layout, recipe)
+    assert report.backbone_sha256 == before == state_dict_sha256(load_backbone(layout)[0].model)
