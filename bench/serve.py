@@ -6,8 +6,11 @@ admin API, driven by httpx with real Fashion-MNIST PNGs:
 
 * batch 1: sequential requests on one keep-alive connection; overhead = served p50 - bare p50
   (bare = decode + executor for one image);
-* under load: ``--concurrency`` closed-loop clients for ``--seconds``; throughput in images/s,
-  against the bare executor's throughput at the server's max batch size.
+* under load: ``--concurrency`` closed-loop clients for ``--seconds``, each posting
+  ``--images-per-request`` images to ``/v1/classify/batch`` (with one image per request this
+  tiny model is HTTP-bound and every tier serves alike); throughput in images/s, against the
+  bare executor (``run`` on batches of the server's max batch size) and the in-process
+  continuous-batching pipeline that the server drives.
 
 served gain = throughput(drop tier) / throughput(top tier) under load; predicted gain = the
 bank's expected relative MACs, top / drop. Last line: JSON with ``overhead_p50_ms`` and
@@ -31,6 +34,7 @@ from rich.progress import track
 from rich.table import Table
 from serving_harness import ServerProcess, drop_tier, fashion_mnist_pngs, load_bank, percentile_ms
 
+from dyce.pipeline import EarlyExitPipeline
 from service.runtime import ModelRuntime
 from service.settings import Settings
 
@@ -48,11 +52,27 @@ def bare_batch1(runtime: ModelRuntime, pngs: list[bytes], config) -> list[float]
 
 
 def bare_throughput(runtime: ModelRuntime, pngs: list[bytes], config, batch: int, seconds: float) -> float:
+    """``EarlyExitExecutor.run`` on batches of decoded images, back to back (decoding not timed)."""
     images = torch.stack([runtime.decoder(png) for png in pngs[:batch]])
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         runtime.run(images, config)
         done += batch
+    return done / (time.perf_counter() - start)
+
+
+def pipeline_throughput(runtime: ModelRuntime, pngs: list[bytes], config, batch: int, seconds: float) -> float:
+    """The core's continuous-batching pipeline (what the server runs), fed batch after batch."""
+    images = torch.stack([runtime.decoder(png) for png in pngs[: 8 * batch]])
+    pipeline = EarlyExitPipeline(runtime.executor, batch)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for chunk in images.split(batch):
+            pipeline.push(chunk, list(range(chunk.shape[0])), config)
+            while pipeline.has_full_batch():
+                done += sum(len(out.tags) for out in pipeline.step())
+    while pipeline.waiting():
+        done += sum(len(out.tags) for out in pipeline.step(flush=True))
     return done / (time.perf_counter() - start)
 
 
@@ -67,7 +87,44 @@ def served_batch1(url: str, pngs: list[bytes]) -> list[float]:
     return times
 
 
-async def served_load(url: str, pngs: list[bytes], concurrency: int, seconds: float) -> tuple[float, list[float], int]:
+Body = tuple[str, bytes, dict[str, str]]  # path, content, headers
+
+
+def v1_bodies(pngs: list[bytes], per_request: int) -> list[Body]:
+    """Multipart ``/v1/classify/batch`` requests, encoded once so the client only sends bytes."""
+    bodies = []
+    for start in range(0, len(pngs) - per_request + 1, per_request):
+        files = [("files", (f"{i}.png", png, "image/png")) for i, png in enumerate(pngs[start : start + per_request])]
+        request = httpx.Request("POST", "http://x/v1/classify/batch", files=files)
+        bodies.append(("/v1/classify/batch", request.read(), {"content-type": request.headers["content-type"]}))
+    return bodies
+
+
+def v2_bodies(runtime: ModelRuntime, pngs: list[bytes], per_request: int, model: str) -> list[Body]:
+    """Open Inference Protocol requests with preprocessed FP32 tensors in the binary extension."""
+    bodies = []
+    for start in range(0, len(pngs) - per_request + 1, per_request):
+        tensor = torch.stack([runtime.decoder(png) for png in pngs[start : start + per_request]]).numpy()
+        raw = tensor.astype("<f4").tobytes()
+        header = json.dumps(
+            {
+                "inputs": [
+                    {"name": "input", "shape": list(tensor.shape), "datatype": "FP32",
+                     "parameters": {"binary_data_size": len(raw)}}
+                ],
+                "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+            }
+        ).encode()  # fmt: skip
+        bodies.append(
+            (f"/v2/models/{model}/infer", header + raw, {"Inference-Header-Content-Length": str(len(header))})
+        )
+    return bodies
+
+
+async def served_load(
+    url: str, bodies: list[Body], per_request: int, concurrency: int, seconds: float
+) -> tuple[float, list[float], int]:
+    """Closed-loop clients sending prepared bodies; returns images/s, latencies, errors."""
     latencies: list[float] = []
     errors = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -78,10 +135,10 @@ async def served_load(url: str, pngs: list[bytes], concurrency: int, seconds: fl
             nonlocal errors
             i = offset
             while time.perf_counter() < stop:
-                png = pngs[i % len(pngs)]
+                path, content, headers = bodies[i % len(bodies)]
                 i += concurrency
                 start = time.perf_counter()
-                response = await client.post("/v1/classify", content=png, headers={"content-type": "image/png"})
+                response = await client.post(path, content=content, headers=headers)
                 if response.status_code == 200:
                     latencies.append(time.perf_counter() - start)
                 else:
@@ -90,7 +147,7 @@ async def served_load(url: str, pngs: list[bytes], concurrency: int, seconds: fl
         start = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         elapsed = time.perf_counter() - start
-    return len(latencies) / elapsed, latencies, errors
+    return len(latencies) * per_request / elapsed, latencies, errors
 
 
 def main(
@@ -100,6 +157,7 @@ def main(
     seconds: float = typer.Option(6.0, help="duration of each load phase"),
     concurrency: int = typer.Option(16, help="closed-loop clients under load"),
     max_batch_size: int = typer.Option(32, help="the server's max batch, and the bare executor's batch"),
+    images_per_request: int = typer.Option(8, help="images per request under load (/v1/classify/batch)"),
     torch_threads: int = typer.Option(1, help="intra-op threads, in-process and in the server alike"),
 ) -> None:
     bank = load_bank(artifacts)
@@ -111,12 +169,15 @@ def main(
     runtime = ModelRuntime(settings)
     runtime.warm_up(bank)
 
+    png_bodies = v1_bodies(pngs, images_per_request)
+    tensor_bodies = v2_bodies(runtime, pngs, images_per_request, settings.model_name)
     figures: dict[str, dict[str, float]] = {name: {} for name in tiers}
     for name, index in tiers.items():
         config = bank.entries[index].config
         bare = bare_batch1(runtime, pngs[:requests], config)
         figures[name]["bare_p50_ms"] = percentile_ms(bare, 50)
         figures[name]["bare_throughput"] = bare_throughput(runtime, pngs, config, max_batch_size, seconds / 2)
+        figures[name]["pipeline_throughput"] = pipeline_throughput(runtime, pngs, config, max_batch_size, seconds / 2)
 
     server = ServerProcess(
         artifacts,
@@ -133,32 +194,42 @@ def main(
             served = served_batch1(server.url, pngs[:requests])
             figures[name]["served_p50_ms"] = percentile_ms(served, 50)
             figures[name]["served_p95_ms"] = percentile_ms(served, 95)
-            throughput, latencies, errors = asyncio.run(served_load(server.url, pngs, concurrency, seconds))
-            figures[name]["served_throughput"] = throughput
-            figures[name]["load_p50_ms"] = percentile_ms(latencies, 50)
-            figures[name]["load_p95_ms"] = percentile_ms(latencies, 95)
-            figures[name]["load_errors"] = errors
+            for api, bodies in (("v1", png_bodies), ("v2", tensor_bodies)):
+                throughput, latencies, errors = asyncio.run(
+                    served_load(server.url, bodies, images_per_request, concurrency, seconds)
+                )
+                figures[name][f"{api}_served_throughput"] = throughput
+                figures[name][f"{api}_load_p50_ms"] = percentile_ms(latencies, 50)
+                figures[name][f"{api}_load_p95_ms"] = percentile_ms(latencies, 95)
+                figures[name][f"{api}_load_errors"] = errors
 
     table = Table("tier", "bank index", "rel. MACs", "accuracy", "bare p50 ms", "served p50 ms", "bare img/s",
-                  "served img/s", "load p95 ms")  # fmt: skip
+                  "pipeline img/s", "v1 img/s", "v2 img/s", "v2 load p95 ms")  # fmt: skip
     for name, index in tiers.items():
         entry, f = bank.entries[index], figures[name]
         table.add_row(
             name, str(index), f"{entry.search.relative_macs:.3f}", f"{entry.search.accuracy:.4f}",
             f"{f['bare_p50_ms']:.2f}", f"{f['served_p50_ms']:.2f}", f"{f['bare_throughput']:.0f}",
-            f"{f['served_throughput']:.0f}", f"{f['load_p95_ms']:.1f}",
+            f"{f['pipeline_throughput']:.0f}", f"{f['v1_served_throughput']:.0f}", f"{f['v2_served_throughput']:.0f}",
+            f"{f['v2_load_p95_ms']:.1f}",
         )  # fmt: skip
     console.print(table)
 
+    def gain(key: str) -> float:
+        return figures["drop"][key] / figures["top"][key]
+
     predicted_gain = bank.entries[top].search.relative_macs / bank.entries[drop].search.relative_macs
-    served_gain = figures["drop"]["served_throughput"] / figures["top"]["served_throughput"]
-    bare_gain = figures["drop"]["bare_throughput"] / figures["top"]["bare_throughput"]
     result = {
         "overhead_p50_ms": figures["top"]["served_p50_ms"] - figures["top"]["bare_p50_ms"],
         "overhead_p50_ms_drop_tier": figures["drop"]["served_p50_ms"] - figures["drop"]["bare_p50_ms"],
-        "served_over_predicted_gain": served_gain / predicted_gain,
-        "served_gain": served_gain,
-        "bare_gain": bare_gain,
+        # v2 binary tensors: the client sends prepared bytes, so the server is what is measured.
+        "served_over_predicted_gain": gain("v2_served_throughput") / predicted_gain,
+        "served_over_predicted_gain_v1_png": gain("v1_served_throughput") / predicted_gain,
+        "served_gain": gain("v2_served_throughput"),
+        "bare_gain": gain("bare_throughput"),
+        "pipeline_gain": gain("pipeline_throughput"),
+        "images_per_request": images_per_request,
+        "concurrency": concurrency,
         "predicted_gain": predicted_gain,
         "top_index": top,
         "drop_index": drop,

@@ -8,11 +8,11 @@ a busier CPU. Capacity = images per second at full batches.
 
 Every tick the switcher compares the arrival rate of the last window with each tier's
 capacity and picks the most accurate tier that runs below the target utilisation and whose
-steady-state batches (see ``steady_batch_time``) keep a request within the SLO. A tier is left downward as soon as it is overloaded (or its
-queue wait p95 passes half the SLO, which means its estimate is too optimistic) after a
-short dwell, and climbed to only with extra headroom (hysteresis) after a longer dwell, so
-steady load never flaps. A manual pin turns it off; admission control keeps the queue
-shorter than what the active tier can drain within the SLO.
+steady-state batches (see ``steady_batch_time``) keep a request within the SLO. A tier is left
+downward as soon as it is overloaded (or its queue wait p95 passes half the SLO, which means
+its estimate is too optimistic) after a short dwell, and climbed to only with extra headroom
+(hysteresis) after a longer dwell, so steady load never flaps. A manual pin turns it off;
+admission control keeps the queue shorter than what the active tier can drain within the SLO.
 """
 
 from __future__ import annotations

@@ -2,12 +2,16 @@
 
 Pillow's ``Image.open`` only reads the header, so the pixel limit is checked before a single
 pixel is decoded: a decompression bomb costs a few bytes of parsing, not gigabytes of memory.
+Decoding is split in two so the server can read every header on the event loop (cheap) and
+decide where the pixel work runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -20,41 +24,60 @@ ACCEPTED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/web
 ACCEPTED_MEDIA_TYPES = frozenset(ACCEPTED_FORMATS.values()) | {"image/jpg"}
 
 
+@contextlib.contextmanager
+def _image_errors() -> Iterator[None]:
+    """Pillow's many failure modes -> one clear 4xx each."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb check warns below its hard limit; ours is stricter anyway.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except UnidentifiedImageError:
+        raise BadRequest("body is not a PNG, JPEG or WebP image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise TooLarge(f"image rejected as a decompression bomb: {err}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise BadRequest(f"image is truncated or corrupt: {err}") from None
+
+
 class ImageDecoder:
     def __init__(self, preprocess: PreprocessSpec, max_pixels: int) -> None:
         self.transform = preprocess.transform()
         self.max_pixels = max_pixels
         self.shape = (preprocess.channels, preprocess.crop, preprocess.crop)
 
-    def __call__(self, data: bytes) -> torch.Tensor:
-        """One encoded image -> normalised (C, H, W) float tensor; raises a 4xx ServiceError."""
+    def open(self, data: bytes) -> Image.Image:
+        """Read and check the header only; raises a 4xx ServiceError."""
         if not data:
             raise BadRequest("empty image")
-        try:
-            with warnings.catch_warnings():
-                # Pillow's own bomb check warns below its hard limit; ours is stricter anyway.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as image:
-                    if image.format not in ACCEPTED_FORMATS:
-                        raise UnsupportedMediaType(
-                            f"image format {image.format} is not accepted; send one of {', '.join(ACCEPTED_FORMATS)}"
-                        )
-                    width, height = image.size
-                    if width * height > self.max_pixels:
-                        raise TooLarge(
-                            f"image is {width}x{height} = {width * height} pixels, more than the limit of "
-                            f"{self.max_pixels} (decompression bomb protection)"
-                        )
-                    if width == 0 or height == 0:
-                        raise BadRequest("image has no pixels")
-                    image.load()
-                    return self.transform(image)
-        except UnidentifiedImageError:
-            raise BadRequest("body is not a PNG, JPEG or WebP image") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise TooLarge(f"image rejected as a decompression bomb: {err}") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as err:
-            raise BadRequest(f"image is truncated or corrupt: {err}") from None
+        with _image_errors():
+            image = Image.open(io.BytesIO(data))
+            if image.format not in ACCEPTED_FORMATS:
+                raise UnsupportedMediaType(
+                    f"image format {image.format} is not accepted; send one of {', '.join(ACCEPTED_FORMATS)}"
+                )
+            width, height = image.size
+            if width * height > self.max_pixels:
+                raise TooLarge(
+                    f"image is {width}x{height} = {width * height} pixels, more than the limit of "
+                    f"{self.max_pixels} (decompression bomb protection)"
+                )
+            if width == 0 or height == 0:
+                raise BadRequest("image has no pixels")
+            return image
+
+    def tensor(self, image: Image.Image) -> torch.Tensor:
+        """Decode the pixels of an opened image -> normalised (C, H, W) float tensor."""
+        with _image_errors(), image:
+            image.load()
+            return self.transform(image)
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        return self.tensor(self.open(data))
+
+
+def pixels(image: Image.Image) -> int:
+    return image.size[0] * image.size[1]
 
 
 def check_media_type(content_type: str | None) -> None:
