@@ -10,7 +10,8 @@ MACs: 50 equal-ish segments, exits costing 0.01-1% of the model, like the paper'
 
     python bench/search_speed.py [--samples 50000] [--positions 50] [--kinds 5] [--lambdas 101]
 
-Last line: JSON with ``single_pass_s`` and ``iterative_s``.
+Last line: JSON with ``single_pass_s`` and ``iterative_s`` (the latter over ``iterative_lambdas``
+lambdas, all of the grid unless ``--iterative-lambdas`` says fewer).
 """
 
 from __future__ import annotations
@@ -52,9 +53,21 @@ def synthetic_problem(positions: int, kinds: int, samples: int, seed: int = 0) -
     return ExitRecords(confidence, correct, num_candidates), macs
 
 
-def main(samples: int = 50_000, positions: int = 50, kinds: int = 5, lambdas: int = 101, seed: int = 0) -> None:
+def main(
+    samples: int = 50_000,
+    positions: int = 50,
+    kinds: int = 5,
+    lambdas: int = 101,
+    iterative_lambdas: int = 0,
+    seed: int = 0,
+) -> None:
+    """``--iterative-lambdas n`` times the iterative search on n evenly spread lambdas of the grid
+    only (0: all of them), for when the whole grid would take too long; the JSON says which."""
     records, macs = synthetic_problem(positions, kinds, samples, seed)
     grid = [round(i / (lambdas - 1), 6) for i in range(lambdas)]
+    iterative_grid = (
+        grid if not iterative_lambdas else [grid[i] for i in np.linspace(0, lambdas - 1, iterative_lambdas).astype(int)]
+    )
     start = time.perf_counter()
     problem = SearchProblem(records, macs)
     prepare_s = time.perf_counter() - start
@@ -62,7 +75,7 @@ def main(samples: int = 50_000, positions: int = 50, kinds: int = 5, lambdas: in
     sp = single_pass(problem, grid, progress=True)
     single_pass_s = time.perf_counter() - start
     start = time.perf_counter()
-    it = iterative(problem, grid, progress=True)
+    it = iterative(problem, iterative_grid, progress=True)
     iterative_s = time.perf_counter() - start
     fronts = {}
     for name, configs in (("single_pass", sp), ("iterative", it)):
@@ -82,6 +95,8 @@ def main(samples: int = 50_000, positions: int = 50, kinds: int = 5, lambdas: in
         "prepare_s": round(prepare_s, 2),
         "single_pass_s": round(single_pass_s, 2),
         "iterative_s": round(iterative_s, 2),
+        "iterative_lambdas": len(iterative_grid),
+        "iterative_s_per_lambda": round(iterative_s / len(iterative_grid), 2),
         "load_average_1m": round(os.getloadavg()[0], 2),
         **{f"{k}_{name}": v for name, f in fronts.items() for k, v in f.items()},
     }

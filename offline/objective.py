@@ -59,10 +59,14 @@ class SearchProblem:
         self.sorted_conf = np.take_along_axis(conf, self.order, axis=1)
         correct = np.stack([records.correct[n, k - 1] for n, k in rows])
         self.sorted_correct = np.take_along_axis(correct, self.order, axis=1).astype(np.int8)
+        # Exit right minus final head right, per sample: what exiting gains when nothing follows (Alg. 3).
+        self.sorted_gain_over_final = self.sorted_correct - self.final_correct[self.order].astype(np.int8)
         self.ends = np.ones(self.sorted_conf.shape, dtype=bool)
         self.ends[:, :-1] = self.sorted_conf[:, :-1] != self.sorted_conf[:, 1:]
         # Flat index into an (N-1, M) per-position array, in each row's sorted order.
-        self.flat_order = self.row_position[:, None] * m + self.order
+        self.flat_order = (self.row_position[:, None] * m + self.order).astype(
+            np.int32 if n_pos * m < 2**31 else np.int64
+        )
         self.rows_at = [np.flatnonzero(self.row_position == n) for n in range(n_pos - 1)]
 
     def objective(self, lam: float | np.ndarray, correct: np.ndarray | int, macs: np.ndarray | int) -> np.ndarray:

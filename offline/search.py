@@ -100,7 +100,7 @@ def single_pass(problem: SearchProblem, lams: Sequence[float], progress: bool = 
             arrive = int(problem.step_macs(exits)[:n].sum())
             sorted_reach = reach[problem.order[rows]]
             reached = int(reach.sum())
-            gain = np.cumsum((problem.sorted_correct[rows] - final_correct[problem.order[rows]]) * sorted_reach, axis=1)
+            gain = np.cumsum(problem.sorted_gain_over_final[rows] * sorted_reach, axis=1, dtype=np.int32)
             saved = np.cumsum(sorted_reach, axis=1) * int(after[n])
             off = np.zeros(n_pos, dtype=np.int64)
             off_correct, off_macs = off.copy(), off.copy()
