@@ -122,34 +122,38 @@ class CostModel:
 
 
 class LoadWindow:
-    """Arrivals (images) and queue waits of the last ``window_s`` seconds."""
+    """Arrivals (images) and queue waits of the last ``horizon_s`` seconds."""
 
-    def __init__(self, window_s: float) -> None:
-        self.window_s = window_s
+    def __init__(self, horizon_s: float) -> None:
+        self.horizon_s = horizon_s
         self._arrivals: deque[tuple[float, int]] = deque()
         self._waits: deque[tuple[float, float]] = deque()
 
     def _trim(self, now: float) -> None:
-        horizon = now - self.window_s
+        horizon = now - self.horizon_s
         while self._arrivals and self._arrivals[0][0] < horizon:
             self._arrivals.popleft()
         while self._waits and self._waits[0][0] < horizon:
             self._waits.popleft()
 
-    def arrived(self, images: int) -> None:
-        self._arrivals.append((time.monotonic(), images))
+    def arrived(self, images: float, at: float | None = None) -> None:
+        self._arrivals.append((time.monotonic() if at is None else at, images))
 
     def waited(self, waits: list[float]) -> None:
         now = time.monotonic()
         self._waits.extend((now, w) for w in waits)
 
-    def rate(self) -> float:
-        self._trim(time.monotonic())
-        return sum(n for _, n in self._arrivals) / self.window_s
+    def rate(self, span_s: float) -> float:
+        """Images per second over the last ``span_s`` seconds."""
+        now = time.monotonic()
+        self._trim(now)
+        return sum(n for t, n in self._arrivals if t >= now - span_s) / span_s
 
-    def wait_p95(self) -> float:
-        self._trim(time.monotonic())
-        return float(np.percentile([w for _, w in self._waits], 95)) if self._waits else 0.0
+    def wait_p95(self, span_s: float) -> float:
+        now = time.monotonic()
+        self._trim(now)
+        waits = [w for t, w in self._waits if t >= now - span_s]
+        return float(np.percentile(waits, 95)) if waits else 0.0
 
 
 DecisionListener = Callable[[str], None]
@@ -168,7 +172,7 @@ class Autoswitcher:
         self.state = state
         self.costs = costs
         self.queued_images = queued_images
-        self.window = LoadWindow(settings.autoswitch_window_s)
+        self.window = LoadWindow(max(settings.autoswitch_window_s, settings.autoswitch_climb_window_s))
         self.listeners = list(listeners or [])
         self.slo_s = settings.slo_p95_ms / 1e3
         self._task: asyncio.Task[None] | None = None
@@ -182,15 +186,15 @@ class Autoswitcher:
         self.window.waited(report.queue_waits_s)
 
     def admit(self, images: int) -> None:
-        """Refuse work the active tier could not start within half the SLO (auto mode only)."""
+        """Refuse work the active tier could not finish within the SLO (auto mode only)."""
         active = self.state.active
         if active.mode != "auto":
             return
         capacity = self.costs.capacity(active.tier.config, self.settings.max_batch_size)
-        wait_s = (self.queued_images() + images) / capacity
-        if wait_s > self.slo_s / 2:
+        finish_s = (self.queued_images() + images) / capacity
+        if finish_s > self.slo_s:
             raise QueueFull(
-                f"overloaded: about {wait_s * 1e3:.0f} ms of work already queued, more than half the "
+                f"overloaded: this request would finish in about {finish_s * 1e3:.0f} ms, past the "
                 f"{self.settings.slo_p95_ms:g} ms latency objective; retry shortly",
                 headers={"Retry-After": "1"},
             )
@@ -209,9 +213,9 @@ class Autoswitcher:
             return "pinned", None
         tiers = active.tier.frontier()
         current = next((t for t in tiers if t.index == active.tier.index), None)
-        rate, wait_p95 = self.window.rate(), self.window.wait_p95()
-        dwell = time.monotonic() - active.since_monotonic
         settle = self.settings
+        rate, wait_p95 = self.window.rate(settle.autoswitch_window_s), self.window.wait_p95(settle.autoswitch_window_s)
+        dwell = time.monotonic() - active.since_monotonic
         if current is None:  # on a dominated entry (set by hand before): rejoin the frontier
             best = next((t for t in tiers if self.fits(t, rate, 1.0)), tiers[-1])
             return "rejoin", best.index
@@ -228,8 +232,11 @@ class Autoswitcher:
                 return "down", tiers[position + 1].index
             target = next((t for t in tiers[position + 1 :] if self.fits(t, rate, 1.0)), tiers[-1])
             return "down", target.index
-        climb = next((t for t in tiers[:position] if self.fits(t, rate, 1.0 - settle.autoswitch_hysteresis)), None)
-        if climb is None or wait_p95 > self.slo_s / 4:
+        # Climbing looks at the longer window too: a lull of a second must not pull it up.
+        climb_rate = max(rate, self.window.rate(settle.autoswitch_climb_window_s))
+        headroom = 1.0 - settle.autoswitch_hysteresis
+        climb = next((t for t in tiers[:position] if self.fits(t, climb_rate, headroom)), None)
+        if climb is None or self.window.wait_p95(settle.autoswitch_climb_window_s) > self.slo_s / 4:
             return "hold", None
         if dwell < settle.autoswitch_min_dwell_up_s:
             return "hold_dwell", None
@@ -245,7 +252,9 @@ class Autoswitcher:
         active = self.state.switch(index, "autoswitch")
         log.info(
             "autoswitch %s: index %d -> %d (lambda %.4g -> %.4g), arrivals %.0f images/s, queue wait p95 %.1f ms",
-            action, before.index, index, before.lam, active.tier.lam, self.window.rate(), self.window.wait_p95() * 1e3,
+            action, before.index, index, before.lam, active.tier.lam,
+            self.window.rate(self.settings.autoswitch_window_s),
+            self.window.wait_p95(self.settings.autoswitch_window_s) * 1e3,
         )  # fmt: skip
         return active
 

@@ -49,8 +49,9 @@ class Settings(BaseSettings):
     autoswitch_target_utilisation: float = Field(0.7, gt=0, le=1, description="load/capacity a tier may run at")
     autoswitch_hysteresis: float = Field(0.15, ge=0, lt=1, description="extra headroom needed to climb to a tier")
     autoswitch_min_dwell_down_s: float = Field(1.0, ge=0, description="time on a tier before stepping down")
-    autoswitch_min_dwell_up_s: float = Field(3.0, ge=0, description="time on a tier before climbing back")
+    autoswitch_min_dwell_up_s: float = Field(4.0, ge=0, description="time on a tier before climbing back")
     autoswitch_window_s: float = Field(1.0, gt=0, description="window of arrival rate and queue-wait p95")
+    autoswitch_climb_window_s: float = Field(5.0, gt=0, description="longer window that climbing must also pass")
     calibration_rounds: int = Field(3, ge=1, description="timed executor calls per tier at start-up")
 
     default_top_k: int = Field(5, ge=1)

@@ -31,8 +31,12 @@ def switcher(core_demo_artifacts):
 
 
 def _load(switcher: Autoswitcher, images_per_second: float) -> None:
-    switcher.window = type(switcher.window)(switcher.settings.autoswitch_window_s)
-    switcher.window.arrived(round(images_per_second * switcher.settings.autoswitch_window_s))
+    """As if the last ``climb window`` seconds had seen this rate throughout."""
+    span = switcher.settings.autoswitch_climb_window_s
+    switcher.window = type(switcher.window)(span)
+    now, slices = time.monotonic(), 100
+    for k in range(slices):
+        switcher.window.arrived(images_per_second * span / slices, at=now - (k + 0.5) * span / slices)
 
 
 def test_picks_the_most_accurate_tier_that_keeps_up(switcher):
