@@ -225,7 +225,7 @@ def main(
     artifacts: Path = typer.Option(Path("artifacts"), help="artefacts built by `dyce-offline build`"),
     schedule: str = typer.Option("0.5:10,4:15,0.5:15", help="rate (x capacity):seconds, comma separated"),
     slo_ms: float = typer.Option(100.0, help="the server's p95 objective (DYCE_SLO_P95_MS)"),
-    images_per_request: int = typer.Option(32, help="one request = one full batch keeps the generator light"),
+    images_per_request: int = typer.Option(32, help="few, big requests keep the Python generator on schedule"),
     max_batch_size: int = typer.Option(32),
     capacity_seconds: float = typer.Option(6.0, help="closed-loop saturation used to measure capacity"),
     full_model_seconds: float = typer.Option(8.0, help="pinned top tier at the overload rate"),
@@ -260,7 +260,10 @@ def main(
         full_model_p95 = percentile_ms(full_admitted, 95)
         full_model_server_p95 = percentile_ms([o.server_latency for o in alone.outcomes if o.server_latency], 95)
         server.admin("POST", "/admin/mode", json={"mode": "auto"})
-        time.sleep(3.0)  # the backlog drains and the switcher settles back on the top tier
+        time.sleep(5.0)  # the backlog's latencies leave the switcher's windows
+        deadline = time.monotonic() + 60  # then it settles on the top tier
+        while server.admin("GET", "/admin/active")["tier"]["bank_index"] != top and time.monotonic() < deadline:
+            time.sleep(0.5)
         console.print(f"[bold]autoswitch[/]: schedule {schedule} (x {capacity:.0f} images/s)")
         run = asyncio.run(open_loop(server, bodies, [(r * capacity, s) for r, s in steps], images_per_request, seed))
     figures = analyse(run, steps, top, slo_ms)

@@ -9,7 +9,7 @@ a busier CPU. Capacity = images per second at full batches.
 Every tick the switcher compares the arrival rate of the last window with each tier's
 capacity and picks the most accurate tier that runs below the target utilisation and whose
 steady-state batches (see ``steady_batch_time``) keep a request within the SLO. A tier is left
-downward as soon as it is overloaded (or its queue wait p95 passes half the SLO, which means
+downward as soon as it is overloaded (or the observed latency p95 misses the SLO, which means
 its estimate is too optimistic) after a short dwell, and climbed to only with extra headroom
 (hysteresis) after a longer dwell, so steady load never flaps. A manual pin turns it off;
 admission control keeps the queue shorter than what the active tier can drain within the SLO.
@@ -38,7 +38,7 @@ from .settings import Settings
 log = logging.getLogger("dyce.service.autoswitch")
 
 EWMA_ALPHA = 0.2
-GUARD_PENALTY = 1.25  # a tier that missed its queue-wait budget is trusted this much less
+GUARD_PENALTY = 1.25  # a tier whose requests missed the SLO is trusted this much less
 
 
 @dataclass
@@ -122,26 +122,26 @@ class CostModel:
 
 
 class LoadWindow:
-    """Arrivals (images) and queue waits of the last ``horizon_s`` seconds."""
+    """Arrivals (images) and request latencies (enqueue -> answer) of the last ``horizon_s`` seconds."""
 
     def __init__(self, horizon_s: float) -> None:
         self.horizon_s = horizon_s
         self._arrivals: deque[tuple[float, int]] = deque()
-        self._waits: deque[tuple[float, float]] = deque()
+        self._latencies: deque[tuple[float, float]] = deque()
 
     def _trim(self, now: float) -> None:
         horizon = now - self.horizon_s
         while self._arrivals and self._arrivals[0][0] < horizon:
             self._arrivals.popleft()
-        while self._waits and self._waits[0][0] < horizon:
-            self._waits.popleft()
+        while self._latencies and self._latencies[0][0] < horizon:
+            self._latencies.popleft()
 
     def arrived(self, images: float, at: float | None = None) -> None:
         self._arrivals.append((time.monotonic() if at is None else at, images))
 
-    def waited(self, waits: list[float]) -> None:
+    def answered(self, latencies: list[float]) -> None:
         now = time.monotonic()
-        self._waits.extend((now, w) for w in waits)
+        self._latencies.extend((now, latency) for latency in latencies)
 
     def rate(self, span_s: float) -> float:
         """Images per second over the last ``span_s`` seconds."""
@@ -149,11 +149,11 @@ class LoadWindow:
         self._trim(now)
         return sum(n for t, n in self._arrivals if t >= now - span_s) / span_s
 
-    def wait_p95(self, span_s: float) -> float:
+    def latency_p95(self, span_s: float) -> float:
         now = time.monotonic()
         self._trim(now)
-        waits = [w for t, w in self._waits if t >= now - span_s]
-        return float(np.percentile(waits, 95)) if waits else 0.0
+        latencies = [latency for t, latency in self._latencies if t >= now - span_s]
+        return float(np.percentile(latencies, 95)) if latencies else 0.0
 
 
 DecisionListener = Callable[[str], None]
@@ -175,6 +175,8 @@ class Autoswitcher:
         self.window = LoadWindow(max(settings.autoswitch_window_s, settings.autoswitch_climb_window_s))
         self.listeners = list(listeners or [])
         self.slo_s = settings.slo_p95_ms / 1e3
+        self._pressure_since: float | None = None  # since when the active tier is overloaded
+        self._calm_since: float | None = None  # since when a better tier would fit
         self._task: asyncio.Task[None] | None = None
 
     # Observers wired to the request path.
@@ -183,7 +185,7 @@ class Autoswitcher:
 
     def batch_done(self, report: BatchReport) -> None:
         self.costs.observe(report)
-        self.window.waited(report.queue_waits_s)
+        self.window.answered(report.latencies_s)
 
     def admit(self, images: int) -> None:
         """Refuse work the active tier could not finish within the SLO (auto mode only)."""
@@ -214,31 +216,40 @@ class Autoswitcher:
         tiers = active.tier.frontier()
         current = next((t for t in tiers if t.index == active.tier.index), None)
         settle = self.settings
-        rate, wait_p95 = self.window.rate(settle.autoswitch_window_s), self.window.wait_p95(settle.autoswitch_window_s)
-        dwell = time.monotonic() - active.since_monotonic
+        rate = self.window.rate(settle.autoswitch_window_s)
+        # p95 needs more samples than a second of big requests gives: the longer window.
+        latency_p95 = self.window.latency_p95(settle.autoswitch_climb_window_s)
+        now = time.monotonic()
+        dwell = now - active.since_monotonic
         if current is None:  # on a dominated entry (set by hand before): rejoin the frontier
             best = next((t for t in tiers if self.fits(t, rate, 1.0)), tiers[-1])
             return "rejoin", best.index
         position = tiers.index(current)
         overloaded = not self.fits(current, rate, 1.0)
-        queue_slow = wait_p95 > self.slo_s / 2
-        if overloaded or queue_slow:
-            if dwell < settle.autoswitch_min_dwell_down_s:
+        missing_slo = latency_p95 > self.slo_s
+        if overloaded or missing_slo:
+            # Debounced: the pressure must last, not just one noisy window.
+            self._calm_since = None
+            self._pressure_since = self._pressure_since or now
+            if min(dwell, now - self._pressure_since) < settle.autoswitch_min_dwell_down_s:
                 return "hold_dwell", None
             if position == len(tiers) - 1:
                 return "hold_cheapest", None
-            if queue_slow and not overloaded:
+            if missing_slo and not overloaded:
                 self.costs.penalise(current.config)
                 return "down", tiers[position + 1].index
             target = next((t for t in tiers[position + 1 :] if self.fits(t, rate, 1.0)), tiers[-1])
             return "down", target.index
-        # Climbing looks at the longer window too: a lull of a second must not pull it up.
-        climb_rate = max(rate, self.window.rate(settle.autoswitch_climb_window_s))
+        # Climbing looks at a longer window: a lull of a second must not pull it up.
+        climb_rate = self.window.rate(settle.autoswitch_climb_window_s)
         headroom = 1.0 - settle.autoswitch_hysteresis
+        self._pressure_since = None
         climb = next((t for t in tiers[:position] if self.fits(t, climb_rate, headroom)), None)
-        if climb is None or self.window.wait_p95(settle.autoswitch_climb_window_s) > self.slo_s / 4:
+        if climb is None or latency_p95 > 0.8 * self.slo_s:
+            self._calm_since = None
             return "hold", None
-        if dwell < settle.autoswitch_min_dwell_up_s:
+        self._calm_since = self._calm_since or now
+        if min(dwell, now - self._calm_since) < settle.autoswitch_min_dwell_up_s:
             return "hold_dwell", None
         return "up", climb.index
 
@@ -251,10 +262,10 @@ class Autoswitcher:
         before = self.state.active.tier
         active = self.state.switch(index, "autoswitch")
         log.info(
-            "autoswitch %s: index %d -> %d (lambda %.4g -> %.4g), arrivals %.0f images/s, queue wait p95 %.1f ms",
+            "autoswitch %s: index %d -> %d (lambda %.4g -> %.4g), arrivals %.0f images/s, latency p95 %.1f ms",
             action, before.index, index, before.lam, active.tier.lam,
             self.window.rate(self.settings.autoswitch_window_s),
-            self.window.wait_p95(self.settings.autoswitch_window_s) * 1e3,
+            self.window.latency_p95(self.settings.autoswitch_climb_window_s) * 1e3,
         )  # fmt: skip
         return active
 

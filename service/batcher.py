@@ -76,6 +76,7 @@ class BatchReport:
     completed: int  # images that left it
     inference_s: float
     queue_waits_s: list[float]  # one per admitted job
+    latencies_s: list[float]  # enqueue -> answer, one per job completed in this step
     configs: frozenset[ExitConfiguration]  # of the images that left
     overrides: int  # admitted jobs that run under a tier of their own choosing
     exit_positions: np.ndarray
@@ -208,7 +209,7 @@ class DynamicBatcher:
         self.pipeline = EarlyExitPipeline(self.pipeline.executor, self.max_batch)
 
     def _deliver(self, admitted: list[Job], exited: list[ExitedSamples], started: float, finished: float) -> None:
-        positions, costs = [], []
+        positions, costs, latencies = [], [], []
         for group in exited:
             # job id -> (its rows, where they sit in this group); a job's rows need not be adjacent
             placement: dict[int, tuple[list[int], list[int]]] = {}
@@ -228,6 +229,7 @@ class DynamicBatcher:
                 job.remaining -= len(rows)
                 if job.remaining == 0:
                     self._complete(self._inside.pop(job_id), finished)
+                    latencies.append(finished - job.enqueued)
             positions += [group.position] * len(group.tags)
             costs += [group.relative_macs] * len(group.tags)
         report = BatchReport(
@@ -235,6 +237,7 @@ class DynamicBatcher:
             completed=len(positions),
             inference_s=finished - started,
             queue_waits_s=[job.admitted - job.enqueued for job in admitted],
+            latencies_s=latencies,
             configs=frozenset(group.config for group in exited),
             overrides=sum(job.overrides_active for job in admitted),
             exit_positions=np.asarray(positions, dtype=np.int64),

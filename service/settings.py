@@ -47,11 +47,17 @@ class Settings(BaseSettings):
     slo_p95_ms: float = Field(100.0, gt=0, description="latency objective the autoswitcher keeps p95 under")
     autoswitch_interval_s: float = Field(0.25, gt=0)
     autoswitch_target_utilisation: float = Field(0.7, gt=0, le=1, description="load/capacity a tier may run at")
-    autoswitch_hysteresis: float = Field(0.15, ge=0, lt=1, description="extra headroom needed to climb to a tier")
-    autoswitch_min_dwell_down_s: float = Field(1.0, ge=0, description="time on a tier before stepping down")
-    autoswitch_min_dwell_up_s: float = Field(4.0, ge=0, description="time on a tier before climbing back")
-    autoswitch_window_s: float = Field(1.0, gt=0, description="window of arrival rate and queue-wait p95")
-    autoswitch_climb_window_s: float = Field(5.0, gt=0, description="longer window that climbing must also pass")
+    autoswitch_hysteresis: float = Field(0.1, ge=0, lt=1, description="extra headroom needed to climb to a tier")
+    autoswitch_min_dwell_down_s: float = Field(
+        0.75, ge=0, description="time on a tier, and under pressure, before stepping down"
+    )
+    autoswitch_min_dwell_up_s: float = Field(
+        2.0, ge=0, description="time on a tier, and with room above, before climbing back"
+    )
+    autoswitch_window_s: float = Field(1.0, gt=0, description="window of the arrival rate")
+    autoswitch_climb_window_s: float = Field(
+        2.0, gt=0, description="window of latency p95 and of the rate climbing back looks at"
+    )
     calibration_rounds: int = Field(3, ge=1, description="timed executor calls per tier at start-up")
 
     default_top_k: int = Field(5, ge=1)
