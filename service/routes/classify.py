@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.datastructures import UploadFile
 
 from ..decode import check_media_type
 from ..deps import ServiceDep
 from ..errors import BadRequest
-from ..schemas import BatchClassification, Classification, TierInfo, Timings, image_results
+from ..schemas import BatchClassification, Classification, ImageResult, TierInfo, Timings, image_results
 from ..serving import Served
 
 router = APIRouter(prefix="/v1", tags=["classify"])
@@ -52,18 +53,26 @@ async def _read_images(request: Request, max_files: int) -> list[bytes]:
     return [await request.body()]
 
 
+@dataclass
+class ClassifyQuery:
+    """Query parameters shared by both classify routes."""
+
+    top_k: TopK = None
+    lam: Lambda = None
+    max_relative_macs: MacBudget = None
+
+
+ClassifyQueryDep = Annotated[ClassifyQuery, Depends()]
+
+
 async def _serve(
-    request: Request,
-    response: Response,
-    service: ServiceDep,
-    max_files: int,
-    lam: float | None,
-    max_relative_macs: float | None,
-) -> tuple[Served, dict[str, Any]]:
-    """Read, decode, queue and wait; returns the answer and the fields every response shares."""
+    request: Request, response: Response, service: ServiceDep, query: ClassifyQuery, max_files: int
+) -> tuple[Served, list[ImageResult], dict[str, Any]]:
+    """Read, decode, queue and wait; returns the answer, per-image results and the shared fields."""
     arrived = time.perf_counter()
     blobs = await _read_images(request, max_files=max_files)
-    served = await service.classify(request, await service.decode(blobs), lam, max_relative_macs, arrived)
+    images = await service.decode(blobs)
+    served = await service.classify(request, images, query.lam, query.max_relative_macs, arrived)
     result = served.result
     timings = Timings(
         queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3, total_ms=served.total_s * 1e3
@@ -81,35 +90,24 @@ async def _serve(
         "batch_size": result.batch_size,
         "timings": timings,
     }
-    return served, shared
+    results = image_results(result, service.runtime.labels, query.top_k or service.settings.default_top_k)
+    return served, results, shared
 
 
 @router.post("/classify", response_model=Classification, openapi_extra=IMAGE_BODY)
 async def classify(
-    request: Request,
-    response: Response,
-    service: ServiceDep,
-    top_k: TopK = None,
-    lam: Lambda = None,
-    max_relative_macs: MacBudget = None,
+    request: Request, response: Response, service: ServiceDep, query: ClassifyQueryDep
 ) -> Classification:
     """Classify one image (raw ``image/png|jpeg|webp`` body, or multipart ``file``)."""
-    served, shared = await _serve(request, response, service, 1, lam, max_relative_macs)
-    (result,) = image_results(served.result, service.runtime.labels, top_k or service.settings.default_top_k)
+    _, (result,), shared = await _serve(request, response, service, query, max_files=1)
     response.headers["x-exit-position"] = str(result.exit_position)
     return Classification(**result.model_dump(), **shared)
 
 
 @router.post("/classify/batch", response_model=BatchClassification, openapi_extra=IMAGE_BODY)
 async def classify_batch(
-    request: Request,
-    response: Response,
-    service: ServiceDep,
-    top_k: TopK = None,
-    lam: Lambda = None,
-    max_relative_macs: MacBudget = None,
+    request: Request, response: Response, service: ServiceDep, query: ClassifyQueryDep
 ) -> BatchClassification:
     """Classify several images (multipart, one ``files`` part each); all run under one tier."""
-    served, shared = await _serve(request, response, service, service.settings.max_batch_size, lam, max_relative_macs)
-    results = image_results(served.result, service.runtime.labels, top_k or service.settings.default_top_k)
+    _, results, shared = await _serve(request, response, service, query, service.settings.max_batch_size)
     return BatchClassification(results=results, **shared)
