@@ -211,6 +211,7 @@ def plot(run: Run, schedule: list[tuple[float, float]], capacity: float, per_req
     if run.tiers:
         times, indices = zip(*run.tiers, strict=True)
         tier_ax.step(times, indices, where="post")
+        tier_ax.set_yticks(sorted(set(indices)))
     tier_ax.set_ylabel("active bank index")
     tier_ax.set_xlabel("seconds")
     fig.suptitle("DyCE autoswitcher under an open-loop step load")
