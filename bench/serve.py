@@ -5,7 +5,8 @@ same torch threads). Served: ``dyce-serve`` in its own process, pinned to each t
 admin API, driven by httpx with real Fashion-MNIST PNGs:
 
 * batch 1: sequential requests on one keep-alive connection; overhead = served p50 - bare p50
-  (bare = decode + executor for one image);
+  (bare = decode + executor for one image); ``http_floor_p50_ms`` is an empty GET's round trip
+  on the same client, the part of the overhead that any HTTP request pays on this machine;
 * under load: ``--concurrency`` closed-loop clients for ``--seconds``, each posting
   ``--images-per-request`` images to ``/v1/classify/batch`` (with one image per request this
   tiny model is HTTP-bound and every tier serves alike); throughput in images/s, against the
@@ -74,6 +75,17 @@ def pipeline_throughput(runtime: ModelRuntime, pngs: list[bytes], config, batch:
     while pipeline.waiting():
         done += sum(len(out.tags) for out in pipeline.step(flush=True))
     return done / (time.perf_counter() - start)
+
+
+def http_floor(url: str, count: int) -> list[float]:
+    """Round trips of ``GET /v2/health/live``: what any request costs this client and server."""
+    times = []
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for _ in range(count):
+            start = time.perf_counter()
+            client.get("/v2/health/live").raise_for_status()
+            times.append(time.perf_counter() - start)
+    return times
 
 
 def served_batch1(url: str, pngs: list[bytes]) -> list[float]:
@@ -188,6 +200,7 @@ def main(
         queue_capacity=4096,
     )
     with server:
+        floor_p50_ms = percentile_ms(http_floor(server.url, requests), 50)
         for name, index in track(list(tiers.items()), description="serving", console=console):
             server.pin(index)
             served_batch1(server.url, pngs[:20])  # warm the connection path
@@ -221,6 +234,7 @@ def main(
     predicted_gain = bank.entries[top].search.relative_macs / bank.entries[drop].search.relative_macs
     result = {
         "overhead_p50_ms": figures["top"]["served_p50_ms"] - figures["top"]["bare_p50_ms"],
+        "http_floor_p50_ms": floor_p50_ms,
         "overhead_p50_ms_drop_tier": figures["drop"]["served_p50_ms"] - figures["drop"]["bare_p50_ms"],
         # v2 binary tensors: the client sends prepared bytes, so the server is what is measured.
         "served_over_predicted_gain": gain("v2_served_throughput") / predicted_gain,
