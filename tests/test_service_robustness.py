@@ -260,3 +260,16 @@ def test_dyce_serve_explains_missing_artefacts(tmp_path):
     env = {"DYCE_ADMIN_TOKEN": "a-real-secret-of-some-length", "DYCE_ARTIFACTS_DIR": str(tmp_path), "DYCE_PORT": "0"}
     result = subprocess.run([sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "dyce-offline build" in result.stderr
+
+
+def test_insecure_dev_mode_generates_a_token_instead_of_running_open():
+    from pydantic import ValidationError
+
+    from service import Settings
+
+    with pytest.raises(ValidationError, match="DYCE_INSECURE_DEV"):
+        Settings(admin_token="admin")
+    dev = Settings(admin_token="", insecure_dev=True)
+    assert dev.generated_admin_token and len(dev.admin_token.get_secret_value()) >= 24
+    assert Settings(admin_token="", insecure_dev=True).admin_token != dev.admin_token
+    assert not Settings(admin_token="a-real-secret-of-some-length").generated_admin_token
