@@ -83,6 +83,11 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+def _report_warm_up_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("warm-up failed; the server stays not ready", exc_info=task.exception())
+
+
 def create_app(settings: Settings) -> FastAPI:
     service = Service(settings)
 
@@ -90,6 +95,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await service.load()  # artefact problems stop start-up here, with the reason
         warm = asyncio.get_running_loop().create_task(service.warm_up(), name="dyce-warm-up")
+        warm.add_done_callback(_report_warm_up_failure)
         try:
             yield
         finally:

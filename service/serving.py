@@ -115,7 +115,7 @@ class Service:
         return self._loaded()
 
     async def decode(self, blobs: list[bytes]) -> torch.Tensor:
-        """Encoded images -> one batch tensor, decoded off the event loop."""
+        """Encoded images -> one batch tensor; pixel work off the event loop unless tiny."""
         runtime, _ = self.require_ready()
         if not blobs:
             raise BadRequest("no image in the request")
