@@ -2,7 +2,8 @@
 
 Cost model per configuration: a pipeline step that completes ``b`` images takes
 ``overhead + b * per_image`` seconds. ``overhead`` (Python, dispatch, partial batches) is shared;
-``per_image`` is calibrated per tier at start-up through the serving pipeline and then follows
+``per_image`` starts from the plain model's cost, measured at start-up through the serving
+pipeline, times the tier's expected relative MACs (see ``CostModel.calibrate``), and then follows
 live steps with an exponentially weighted moving average, so it tracks the real input mix and
 a busier CPU. Capacity = images per second at full batches.
 
@@ -54,19 +55,27 @@ class CostModel:
 
     @classmethod
     def calibrate(cls, runtime: ModelRuntime, tiers: list[Tier], batch: int, rounds: int) -> CostModel:
-        """Time every tier through the serving pipeline on fixed random inputs (median of
-        ``rounds``): one image alone gives the fixed cost, ``4 * batch`` images the cost per image."""
+        """Time the plain model (final head only: the same work for any input) through the
+        serving pipeline, median of ``rounds``: one image alone gives the fixed cost, ``4 * batch``
+        images the cost per image. Each tier starts at that cost times its expected relative MACs.
+
+        Timing each tier on synthetic inputs would be wrong the other way: noise is not confident,
+        so nothing exits early and every tier would look as costly as the plain model. The bank's
+        MACs come from real images; the online average then replaces this prior with what the
+        tier really costs on the traffic it serves.
+        """
         generator = torch.Generator().manual_seed(1)
         one = torch.randn(1, *runtime.input_shape, generator=generator)
         many = torch.randn(4 * batch, *runtime.input_shape, generator=generator)
+        plain = ExitConfiguration.final_only(runtime.num_positions)
 
-        def timed(images: torch.Tensor, config: ExitConfiguration) -> float:
+        def timed(images: torch.Tensor) -> float:
             times = []
             for _ in range(rounds):
                 pipeline = EarlyExitPipeline(runtime.executor, batch)
                 start = time.perf_counter()
                 for chunk in images.split(batch):
-                    pipeline.push(chunk, list(range(chunk.shape[0])), config)
+                    pipeline.push(chunk, list(range(chunk.shape[0])), plain)
                     while pipeline.has_full_batch():
                         pipeline.step()
                 while pipeline.waiting():
@@ -74,16 +83,14 @@ class CostModel:
                 times.append(time.perf_counter() - start)
             return float(np.median(times))
 
-        overheads, per_image = [], {}
-        for tier in tiers:
-            t_one, t_many = timed(one, tier.config), timed(many, tier.config)
-            per_image[tier.config] = t_many / many.shape[0]
-            overheads.append(max(t_one - per_image[tier.config], 0.0))
-        overhead = float(np.median(overheads))
+        per_image_plain = timed(many) / many.shape[0]
+        overhead = max(timed(one) - per_image_plain, 0.0)
+        per_image = {tier.config: per_image_plain * tier.expected_relative_macs for tier in tiers}
+        log.info("calibrated the plain model: %.3f ms/image, overhead %.3f ms", per_image_plain * 1e3, overhead * 1e3)
         for tier in tiers:
             log.info(
-                "calibrated tier %d (lambda %.4g): %.3f ms/image, overhead %.3f ms, capacity %.0f images/s",
-                tier.index, tier.lam, per_image[tier.config] * 1e3, overhead * 1e3,
+                "tier %d (lambda %.4g, %.3f relative MACs): prior capacity %.0f images/s",
+                tier.index, tier.lam, tier.expected_relative_macs,
                 batch / (overhead + batch * per_image[tier.config]),
             )  # fmt: skip
         return cls(overhead, per_image)

@@ -206,9 +206,10 @@ class ModelRuntime:
         return bank
 
     def warm_up(self, bank: Bank) -> None:
-        """Run every configuration once at batch 1 and at the largest batch (allocator, kernels)."""
+        """Run every frontier configuration (the tiers the autoswitcher uses) once at batch 1 and
+        at the largest batch: allocator, kernels and path costs are ready before traffic."""
         generator = torch.Generator().manual_seed(0)
         for batch in (1, self.settings.max_batch_size):
             images = torch.randn(batch, *self.input_shape, generator=generator)
-            for entry in bank.entries:
-                self.run(images, entry.config)
+            for index in bank.frontier():
+                self.run(images, bank.entries[index].config)
