@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     autoswitch_climb_window_s: float = Field(
         2.0, gt=0, description="window of latency p95 and of the rate climbing back looks at"
     )
-    calibration_rounds: int = Field(3, ge=1, description="timed executor calls per tier at start-up")
+    calibration_rounds: int = Field(3, ge=1, description="timed runs of the plain model at start-up (median)")
 
     default_top_k: int = Field(5, ge=1)
 
