@@ -92,6 +92,10 @@ class Bank(BaseModel):
     def num_positions(self) -> int:
         return len(self.num_candidates)
 
+    def used_exits(self) -> set[tuple[int, int]]:
+        """(position, k) of every early exit some configuration enables."""
+        return {(n, k) for entry in self.entries for n, k in enumerate(entry.config.exits[:-1]) if k}
+
     @classmethod
     def load(cls, path: str | Path) -> Bank:
         return cls.model_validate_json(Path(path).read_text())

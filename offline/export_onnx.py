@@ -17,7 +17,6 @@ from torch import nn
 
 from dyce.artifacts import backbone_identity
 from dyce.backbones import SegmentedModel
-from dyce.bank import Bank
 from dyce.execution_backends import OnnxGraph, OnnxManifest
 from dyce.exits import ExitSet
 from dyce.hashing import state_dict_sha256
@@ -25,10 +24,6 @@ from dyce.hashing import state_dict_sha256
 # 18 covers every op of the registered torchvision families (LayerNorm for ConvNeXt,
 # Hardswish/Hardsigmoid for MobileNetV3, SiLU for EfficientNet).
 DEFAULT_OPSET = 18
-
-
-def exits_used_by(bank: Bank) -> set[tuple[int, int]]:
-    return {(n, k) for entry in bank.entries for n, k in enumerate(entry.config.exits[:-1]) if k}
 
 
 def export_graph(module: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:

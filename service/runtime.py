@@ -20,6 +20,7 @@ import torch
 from dyce.artifacts import ArtifactLayout, load_backbone, load_bank_for, load_exits
 from dyce.bank import Bank, BankEntry
 from dyce.config import ExitConfiguration
+from dyce.execution_backends import OnnxRuntimeBackend
 from dyce.executor import EarlyExitExecutor, ExecutionResult
 
 from .decode import ImageDecoder
@@ -155,6 +156,10 @@ class TierState:
         return None
 
 
+# Triton-style platform names reported by /v2/models/{name}.
+PLATFORMS = {"torch": "pytorch_dyce", "onnxruntime": "onnxruntime_dyce"}
+
+
 class ModelRuntime:
     """Backbone, exits, bank and executor, loaded once from the artefact directory."""
 
@@ -169,14 +174,31 @@ class ModelRuntime:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         backbone, self.manifest = load_backbone(self.layout)
-        exits, _ = load_exits(self.layout)
+        exits, exit_manifest = load_exits(self.layout)
         bank = load_bank_for(self.layout)  # raises BankMismatchError with the reason
-        self.executor = EarlyExitExecutor(backbone, exits, bank.macs, device=settings.device)
+        backend = None
+        if settings.backend == "onnxruntime":
+            onnx_dir = settings.onnx_dir or self.layout.root / "onnx"
+            backend = OnnxRuntimeBackend(onnx_dir, torch.device(settings.device), settings.torch_threads or None)
+            backend.check_matches(
+                self.manifest.identity, {(e.position, e.index): e.sha256 for e in exit_manifest.exits}
+            )
+        self.executor = EarlyExitExecutor(backbone, exits, bank.macs, device=settings.device, backend=backend)
+        missing = self.unexported_exits(bank)
+        if missing:
+            raise ValueError(f"the bank uses exits {missing} that have no ONNX graph; rerun `dyce-offline export-onnx`")
         self.initial_bank = bank
         self.decoder = ImageDecoder(self.manifest.preprocess, settings.max_image_pixels)
         self.input_shape = tuple(backbone.input_spec.shape)
         if tuple(self.decoder.shape) != self.input_shape:
             raise ValueError(f"preprocessing yields {self.decoder.shape}, the backbone takes {self.input_shape}")
+
+    def unexported_exits(self, bank: Bank) -> list[tuple[int, int]]:
+        """Exits the bank enables that the ONNX backend cannot run (always none with torch)."""
+        backend = self.executor.backend
+        if not isinstance(backend, OnnxRuntimeBackend):
+            return []
+        return sorted(e for e in bank.used_exits() if not backend.has_exit(*e))
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -203,6 +225,8 @@ class ModelRuntime:
             raise Unprocessable(f"bank {target.name} rejected, the previous one keeps serving: {err}") from None
         if bank.macs != self.executor.macs:
             raise Unprocessable(f"bank {target.name} rejected: its MAC table differs from the loaded model's")
+        if missing := self.unexported_exits(bank):
+            raise Unprocessable(f"bank {target.name} rejected: exits {missing} have no ONNX graph in this deployment")
         return bank
 
     def warm_up(self, bank: Bank) -> None:

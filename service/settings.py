@@ -18,6 +18,10 @@ class Settings(BaseSettings):
 
     artifacts_dir: Path = Field(Path("artifacts"), description="backbone, exits and bank, as dyce-offline writes them")
     device: str = "cpu"
+    backend: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="what runs the network: eager PyTorch, or the ONNX graphs of `dyce-offline export-onnx`"
+    )
+    onnx_dir: Path | None = Field(None, description="exported ONNX graphs; default <artifacts_dir>/onnx")
     torch_threads: int = Field(0, ge=0, description="intra-op threads of the inference worker; 0 = torch's default")
     model_name: str = Field("dyce", pattern=r"^[A-Za-z0-9_.-]+$")
     host: str = "127.0.0.1"

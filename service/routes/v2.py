@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from ..deps import ServiceDep
 from ..errors import BadRequest, NotFound
+from ..runtime import PLATFORMS
 from ..serving import Service
 from ..v2 import HEADER_LENGTH, bytes_tensor, encode_response, fp32_tensor, parse_request
 
@@ -69,7 +70,8 @@ async def ready(service: ServiceDep) -> JSONResponse:
 async def model_metadata(service: ServiceDep, name: str, version: str | None = None) -> dict[str, Any]:
     _model(service, name, version)
     inputs, outputs = _tensor_specs(service)
-    return {"name": name, "versions": [VERSION], "platform": "pytorch_dyce", "inputs": inputs, "outputs": outputs}
+    platform = PLATFORMS[service.settings.backend]
+    return {"name": name, "versions": [VERSION], "platform": platform, "inputs": inputs, "outputs": outputs}
 
 
 @router.get("/models/{name}/ready")
@@ -97,7 +99,7 @@ async def model_config(service: ServiceDep, name: str, version: str | None = Non
 
     return {
         "name": name,
-        "platform": "pytorch_dyce",
+        "platform": PLATFORMS[settings.backend],
         "max_batch_size": settings.max_batch_size,
         "input": [triton(t) for t in inputs],
         "output": [triton(t) for t in outputs],
