@@ -4,9 +4,10 @@
 setup:
 	./scripts/setup.sh
 
+# Without DYCE_ADMIN_TOKEN the server starts in insecure dev mode and logs a one-run admin token.
 serve: setup
 	.venv/bin/dyce-offline build
-	.venv/bin/dyce-serve
+	DYCE_INSECURE_DEV=$${DYCE_INSECURE_DEV:-$$([ -n "$$DYCE_ADMIN_TOKEN" ] && echo 0 || echo 1)} .venv/bin/dyce-serve
 
 test: setup
 	.venv/bin/ruff check dyce offline service tests bench deploy

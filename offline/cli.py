@@ -1,6 +1,6 @@
 """``dyce-offline``: the offline toolchain, one command per step, plus ``build`` for all of them.
 
-Every command works on one artefact directory: ``--artifacts`` (or ``$DYCE_ARTIFACTS``,
+Every command works on one artefact directory: ``--artifacts`` (or ``$DYCE_ARTIFACTS_DIR``, as the service reads it,
 default ``./artifacts``), and reads what the previous step wrote there.
 """
 
@@ -21,7 +21,7 @@ app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 def main(
     ctx: typer.Context,
     artifacts: Annotated[
-        Path | None, typer.Option(envvar="DYCE_ARTIFACTS", help="artefact directory (default ./artifacts)")
+        Path | None, typer.Option(envvar="DYCE_ARTIFACTS_DIR", help="artefact directory (default ./artifacts)")
     ] = None,
 ) -> None:
     ctx.obj = OfflineLayout(artifacts or default_root())
@@ -49,11 +49,17 @@ def data(
 
 
 @app.command("train-backbone")
-def train_backbone_command(ctx: typer.Context, epochs: int = 6, max_lr: float = 0.15, seed: int = 0) -> None:
+def train_backbone_command(
+    ctx: typer.Context,
+    epochs: Annotated[int | None, typer.Option(help="default: the recipe's")] = None,
+    max_lr: Annotated[float | None, typer.Option(help="default: the recipe's")] = None,
+    seed: Annotated[int | None, typer.Option(help="default: the recipe's")] = None,
+) -> None:
     """Train the demo backbone (resnet18_fmnist) on the exit-train split."""
     from .train_backbone import BackboneRecipe, train_backbone
 
-    _echo(train_backbone(ctx.obj, BackboneRecipe(epochs=epochs, max_lr=max_lr, seed=seed)))
+    given = {"epochs": epochs, "max_lr": max_lr, "seed": seed}
+    _echo(train_backbone(ctx.obj, BackboneRecipe(**{k: v for k, v in given.items() if v is not None})))
 
 
 @app.command("import-backbone")
@@ -122,6 +128,33 @@ def report(ctx: typer.Context) -> None:
     from .report import make_report
 
     _echo(make_report(ctx.obj))
+
+
+@app.command("export-onnx")
+def export_onnx_command(
+    ctx: typer.Context,
+    out: Annotated[Path | None, typer.Option(help="directory for the graphs (default <artifacts>/onnx)")] = None,
+    opset: int = 18,
+) -> None:
+    """Export segments, head and every exit the bank uses to ONNX, for DYCE_BACKEND=onnxruntime."""
+    from dyce.artifacts import ArtifactLayout, load_backbone, load_bank_for, load_exits
+
+    from .export_onnx import export_onnx
+
+    layout = ArtifactLayout(ctx.obj.root)
+    backbone, _ = load_backbone(layout)
+    exits, _ = load_exits(layout)
+    manifest = export_onnx(backbone, exits, load_bank_for(layout).used_exits(), out or layout.root / "onnx", opset)
+    typer.echo(
+        json.dumps(
+            {
+                "directory": str(out or layout.root / "onnx"),
+                "segments": len(manifest.segments),
+                "exits": sorted(manifest.exits),
+                "opset": manifest.opset,
+            }
+        )
+    )
 
 
 @app.command()

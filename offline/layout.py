@@ -12,7 +12,7 @@ DEFAULT_ROOT = Path("artifacts")
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("DYCE_ARTIFACTS", DEFAULT_ROOT))
+    return Path(os.environ.get("DYCE_ARTIFACTS_DIR", DEFAULT_ROOT))
 
 
 class OfflineLayout(ArtifactLayout):

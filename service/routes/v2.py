@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from ..deps import ServiceDep
-from ..errors import BadRequest, NotFound
+from ..errors import BadRequest, NotFound, NotReady
 from ..runtime import PLATFORMS
 from ..serving import Service
 from ..v2 import HEADER_LENGTH, bytes_tensor, encode_response, fp32_tensor, parse_request
@@ -60,9 +60,16 @@ async def live() -> dict[str, bool]:
     return {"live": True}
 
 
+def _readiness(service: Service) -> dict[str, str]:
+    # A 503 before warm-up is the expected answer, not a server fault: label it for the metrics.
+    return {} if service.ready else {"x-error-code": NotReady.reason}
+
+
 @router.get("/health/ready")
 async def ready(service: ServiceDep) -> JSONResponse:
-    return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
+    return JSONResponse(
+        {"ready": service.ready}, status_code=200 if service.ready else 503, headers=_readiness(service)
+    )
 
 
 @router.get("/models/{name}")
@@ -78,7 +85,9 @@ async def model_metadata(service: ServiceDep, name: str, version: str | None = N
 @router.get("/models/{name}/versions/{version}/ready")
 async def model_ready(service: ServiceDep, name: str, version: str | None = None) -> JSONResponse:
     _model(service, name, version)
-    return JSONResponse({"name": name, "ready": service.ready}, status_code=200 if service.ready else 503)
+    return JSONResponse(
+        {"name": name, "ready": service.ready}, status_code=200 if service.ready else 503, headers=_readiness(service)
+    )
 
 
 @router.get("/models/{name}/config")
