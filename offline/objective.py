@@ -17,6 +17,7 @@ greedy searches' strict-improvement tests cannot loop on rounding noise.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -68,6 +69,22 @@ class SearchProblem:
             np.int32 if n_pos * m < 2**31 else np.int64
         )
         self.rows_at = [np.flatnonzero(self.row_position == n) for n in range(n_pos - 1)]
+
+    @cached_property
+    def rank(self) -> np.ndarray:
+        """``rank[r, m]``: where sample m stands in row r's sorted order (inverse of ``order``)."""
+        rank = np.empty(self.order.shape, dtype=np.int32)
+        np.put_along_axis(rank, self.order, np.arange(self.num_samples, dtype=np.int32)[None], axis=1)
+        return rank
+
+    @cached_property
+    def candidate_correct(self) -> np.ndarray:
+        """Correctness per (position, candidate) as int8 rows; row r's is ``row_candidate[r]``."""
+        return self.records.correct.reshape(-1, self.num_samples).view(np.int8)
+
+    @cached_property
+    def row_candidate(self) -> np.ndarray:
+        return self.row_position * self.records.correct.shape[1] + self.row_k - 1
 
     def objective(self, lam: float | np.ndarray, correct: np.ndarray | int, macs: np.ndarray | int) -> np.ndarray:
         """Eq. 12 from total correct answers (eq. 10: over M * A_ori = the final head's correct

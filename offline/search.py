@@ -1,15 +1,15 @@
 """Configuration search (paper Sec. V-B): single-pass (Alg. 3), iterative (Alg. 2) and the paper's
 baseline (one exit type at every position, one shared threshold), over a grid of lambdas.
 
-Every lambda runs its own search, but lambdas whose searches stand on the same configuration
-share that configuration's cumulative sums (``objective.MoveTables``, the expensive part), so the
-work of the common first rounds is done once. The searches only *choose* configurations: the
+Every lambda runs its own search. In single-pass, lambdas whose searches stand on the same
+configuration share that configuration's cumulative sums (``objective.MoveTables``), so the work
+of the common positions is done once; the iterative search keeps each lambda's state up to date
+move by move instead (``greedy.GreedyState``). The searches only *choose* configurations: the
 figures kept for them come from ``dyce.simulate.simulate``, the one shared rule.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,7 +18,8 @@ from tqdm import tqdm
 from dyce.config import ExitConfiguration
 from dyce.rule import should_exit
 
-from .objective import MoveTables, SearchProblem, configuration_totals, move_tables
+from .greedy import GreedyState
+from .objective import MoveTables, SearchProblem
 
 UNIFORM_GRID = tuple(round(i / 100, 2) for i in range(101))
 
@@ -28,56 +29,22 @@ def _key(exits: np.ndarray, thresholds: np.ndarray) -> bytes:
 
 
 def iterative(problem: SearchProblem, lams: Sequence[float], max_rounds: int | None = None, progress: bool = False):
-    """Alg. 2 for every lambda: each round applies the single best move (k_c, t_c) at any
-    position, k_c = 0 (disable) included, until no move strictly lowers eq. 12."""
+    """Alg. 2 for every lambda: from the empty configuration, each round applies the single best
+    move (k_c, t_c) at any position, k_c = 0 (disable) included, until no move strictly lowers
+    eq. 12. Each round's best move is exact (``greedy.GreedyState``)."""
     max_rounds = max_rounds or 4 * len(problem.row_position) + problem.num_positions
-    states = {}
-    for lam in lams:
-        exits, thresholds = problem.empty()
-        states[lam] = [exits, thresholds, None]
-    active = list(lams)
-    bar = tqdm(total=len(lams), desc="iterative search", leave=False, disable=not progress)
-    for _ in range(max_rounds):
-        if not active:
-            break
-        groups: dict[bytes, list[float]] = defaultdict(list)
-        for lam in active:
-            groups[_key(*states[lam][:2])].append(lam)
-        still = []
-        for members in groups.values():
-            exits, thresholds, _ = states[members[0]]
-            tables = move_tables(problem, exits, thresholds)
-            correct, macs = configuration_totals(problem, exits, thresholds)
-            for lam in members:
-                current = float(problem.objective(lam, correct, macs))
-                move = _best_move(problem, tables, lam, exits)
-                if move is not None and move[3] < current:
-                    new_exits, new_thresholds = exits.copy(), thresholds.copy()
-                    new_exits[move[0]], new_thresholds[move[0]] = move[1], move[2]
-                    states[lam] = [new_exits, new_thresholds, move[3]]
-                    still.append(lam)
-                else:
-                    bar.update()
-        active = still
-    bar.close()
-    if active:
-        raise RuntimeError(f"iterative search did not converge within {max_rounds} rounds for lambda {active}")
-    return {lam: problem.configuration(*states[lam][:2]) for lam in lams}
-
-
-def _best_move(problem: SearchProblem, tables: MoveTables, lam: float, exits: np.ndarray):
-    """(position, k, threshold, value) of the lowest-objective move, or None."""
-    _, thresholds, values = tables.best_moves(problem, lam)
-    disable = problem.objective(lam, tables.off_correct, tables.off_macs)
-    enabled = np.flatnonzero(exits[:-1] > 0)
-    best_row = int(np.argmin(values))
-    best = (int(problem.row_position[best_row]), int(problem.row_k[best_row]), float(thresholds[best_row]))
-    best_value = float(values[best_row])
-    if len(enabled):
-        off = int(enabled[np.argmin(disable[enabled])])
-        if disable[off] < best_value:
-            return off, 0, 1.0, float(disable[off])
-    return (*best, best_value)
+    found = {}
+    for lam in tqdm(lams, desc="iterative search", leave=False, disable=not progress):
+        state = GreedyState(problem, lam)
+        for _ in range(max_rounds):
+            move = state.best_move()
+            if move is None:
+                break
+            state.apply(*move)
+        else:
+            raise RuntimeError(f"iterative search did not converge within {max_rounds} rounds for lambda {lam}")
+        found[lam] = problem.configuration(state.exits, state.thresholds)
+    return found
 
 
 def single_pass(problem: SearchProblem, lams: Sequence[float], progress: bool = False):
