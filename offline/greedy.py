@@ -59,60 +59,70 @@ def _best_prefixes(rows, order, sorted_correct, ends, reach, carry_correct, carr
 
 
 @njit(cache=True)
-def _raise_bounds(position, rank, row_position, row_candidate, candidate_correct, correct_here, path, a, b,
+def _carry(position, exit_at, second, correct_here, path, reach, carry_correct, carry_macs):
+    """Per sample, for the rows at ``position``: does it get there, and the correctness and the
+    MACs after ``position`` of where it leaves if it carries on past it."""
+    for sample in range(exit_at.shape[0]):
+        reach[sample] = exit_at[sample] >= position
+        fate = exit_at[sample] if exit_at[sample] > position else second[sample]
+        carry_correct[sample] = correct_here[fate, sample] if reach[sample] else 0
+        carry_macs[sample] = path[fate] - path[position] if reach[sample] else 0
+
+
+@njit(cache=True)
+def _add_change(rank, row, sample, change, rises, totals):
+    block = rank[sample, row] // BLOCK
+    totals[row, block] += change
+    rises[row, block] += max(change, 0.0)
+
+
+@njit(cache=True)
+def _reach_changes(sign, samples, exit_at, second, position, row_start, row_position, rank, row_correct, correct_here,
+                   path, a, b, rises, totals):  # fmt: skip
+    """Rows after ``position`` that ``samples`` (leaving at ``exit_at``, else at ``second``)
+    stop reaching (sign -1) or now reach (sign +1): minus or plus their score there."""
+    for z in range(samples.shape[0]):
+        sample, leave = samples[z], exit_at[z]
+        for row in range(row_start[position + 1], row_start[leave + 1]):
+            n = row_position[row]
+            fate = leave if leave > n else second[z]
+            exit_gain = row_correct[sample, row] - correct_here[fate, sample]
+            _add_change(rank, row, sample, sign * (a * exit_gain + b * (path[fate] - path[n])), rises, totals)
+
+
+@njit(cache=True)
+def _raise_bounds(position, rank, row_start, row_position, row_correct, correct_here, path, a, b,
                   before, before_rise, before_exit, before_through, before_uniform,
                   lost, lost_exit, lost_second, gained, gained_exit, gained_second,
                   slack, block_max, bound):  # fmt: skip
     """Raise every row's per-block bound by what a move at ``position`` can add to a prefix score.
 
     Rows before the move: samples whose fate from ``position`` on changed score ``before_rise``
-    more (and every sample going through pays the exit's MAC change: ``before_uniform``). Rows
-    after it: ``lost`` samples no longer reach them, ``gained`` ones now do.
+    more there (and every sample going through pays the exit's MAC change: ``before_uniform``).
+    Rows after it: ``lost`` samples no longer reach them, ``gained`` ones now do.
     """
-    n_blocks = slack.shape[1]
-    rises = np.zeros(n_blocks)
-    totals = np.zeros(n_blocks)
-    for r in range(rank.shape[0]):
-        n = row_position[r]
-        if n == position:
+    n_rows, n_blocks = slack.shape
+    rises = np.zeros((n_rows, n_blocks))
+    totals = np.zeros((n_rows, n_blocks))
+    here, after = row_start[position], row_start[position + 1]
+    for z in range(before.shape[0]):
+        first, last = (0, here) if before_through[z] else (row_start[before_exit[z]], row_start[before_exit[z] + 1])
+        for row in range(first, last):
+            _add_change(rank, row, before[z], before_rise[z], rises, totals)
+    _reach_changes(-1.0, lost, lost_exit, lost_second, position, row_start, row_position, rank, row_correct,
+                   correct_here, path, a, b, rises, totals)  # fmt: skip
+    _reach_changes(1.0, gained, gained_exit, gained_second, position, row_start, row_position, rank, row_correct,
+                   correct_here, path, a, b, rises, totals)  # fmt: skip
+    for row in range(n_rows):
+        if here <= row < after:
             continue
-        rises[:] = 0.0
-        totals[:] = 0.0
-        if n < position:
-            for z in range(before.shape[0]):
-                if before_through[z] or before_exit[z] == n:
-                    block = rank[r, before[z]] // BLOCK
-                    totals[block] += before_rise[z]
-                    rises[block] += max(before_rise[z], 0.0)
-        else:
-            c = row_candidate[r]
-            for z in range(lost.shape[0]):
-                if lost_exit[z] >= n:
-                    sample = lost[z]
-                    fate = lost_exit[z] if lost_exit[z] > n else lost_second[z]
-                    change = -(
-                        a * (candidate_correct[c, sample] - correct_here[fate, sample]) + b * (path[fate] - path[n])
-                    )
-                    block = rank[r, sample] // BLOCK
-                    totals[block] += change
-                    rises[block] += max(change, 0.0)
-            for z in range(gained.shape[0]):
-                if gained_exit[z] >= n:
-                    sample = gained[z]
-                    fate = gained_exit[z] if gained_exit[z] > n else gained_second[z]
-                    change = a * (candidate_correct[c, sample] - correct_here[fate, sample]) + b * (
-                        path[fate] - path[n]
-                    )
-                    block = rank[r, sample] // BLOCK
-                    totals[block] += change
-                    rises[block] += max(change, 0.0)
-        entering = before_uniform if n < position else 0.0
+        entering = before_uniform if row < here else 0.0
         top = -np.inf
         for block in range(n_blocks):
-            slack[r, block] += entering + rises[block]
-            entering += totals[block]
-            top = max(top, block_max[r, block] + slack[r, block])
-        bound[r] = top
+            slack[row, block] += entering + rises[row, block]
+            entering += totals[row, block]
+            top = max(top, block_max[row, block] + slack[row, block])
+        bound[row] = top
 
 
 class GreedyState:
@@ -146,6 +156,9 @@ class GreedyState:
         self.block_max = np.zeros((n_rows, n_blocks))
         self.slack = np.zeros((n_rows, n_blocks))
         self.valid = np.zeros(n_rows, dtype=bool)
+        self._reach = np.empty(m, dtype=bool)
+        self._carry_correct = np.empty(m, dtype=np.int8)
+        self._carry_macs = np.empty(m, dtype=np.int64)
         for n in range(n_pos - 1):
             self._evaluate(n, p.rows_at[n])
 
@@ -169,10 +182,8 @@ class GreedyState:
     def _evaluate(self, position: int, rows: np.ndarray) -> None:
         """Exact best prefix of ``rows`` (all at ``position``) under the current configuration."""
         p = self.problem
-        reach = self.exit_at >= position
-        fate = np.where(self.exit_at > position, self.exit_at, self.second)
-        carry_correct = self.correct_here[fate, np.arange(p.num_samples)] * reach
-        carry_macs = (self.path[fate] - self.path[position]) * reach
+        reach, carry_correct, carry_macs = self._reach, self._carry_correct, self._carry_macs
+        _carry(position, self.exit_at, self.second, self.correct_here, self.path, reach, carry_correct, carry_macs)
         _best_prefixes(rows, p.order, p.sorted_correct, p.ends, reach, carry_correct, carry_macs, self.a, self.b,
                        self.prefix, self.gain, self.saved, self.score, self.block_max)  # fmt: skip
         self.bound[rows] = self.score[rows]
@@ -203,7 +214,7 @@ class GreedyState:
             if not len(pending):
                 break
             position = int(pos[pending[np.argmin(lower[pending])]])
-            rows = p.rows_at[position][~self.valid[p.rows_at[position]]]
+            rows = pending[pos[pending] == position]
             self._evaluate(position, rows)
             fresh = np.zeros_like(self.valid)
             fresh[rows] = True
@@ -252,7 +263,7 @@ class GreedyState:
         # Rows after it: samples that leave at `position` now stop reaching them, and vice versa.
         lost = np.flatnonzero((old_exit_at > position) & (self.exit_at == position))
         gained = np.flatnonzero((old_exit_at == position) & (self.exit_at > position))
-        _raise_bounds(position, p.rank, p.row_position, p.row_candidate, p.candidate_correct, self.correct_here,
+        _raise_bounds(position, p.sample_rank, p.row_start, p.row_position, p.sample_row_correct, self.correct_here,
                       self.path, self.a, self.b,
                       affected[changed], rise[changed], old_exit_at[affected][changed], through[changed],
                       self.b * max(extra_macs, 0) * len(affected),

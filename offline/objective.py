@@ -56,7 +56,7 @@ class SearchProblem:
         self.row_k = np.array([k for _, k in rows], dtype=np.int64)
         self.row_exit_macs = self.exit_macs[self.row_position, self.row_k]
         conf = np.stack([records.confidence[n, k - 1] for n, k in rows])
-        self.order = np.argsort(-conf, axis=1, kind="stable")
+        self.order = np.argsort(-conf, axis=1, kind="stable").astype(np.int32 if m < 2**31 else np.int64)
         self.sorted_conf = np.take_along_axis(conf, self.order, axis=1)
         correct = np.stack([records.correct[n, k - 1] for n, k in rows])
         self.sorted_correct = np.take_along_axis(correct, self.order, axis=1).astype(np.int8)
@@ -71,20 +71,22 @@ class SearchProblem:
         self.rows_at = [np.flatnonzero(self.row_position == n) for n in range(n_pos - 1)]
 
     @cached_property
-    def rank(self) -> np.ndarray:
-        """``rank[r, m]``: where sample m stands in row r's sorted order (inverse of ``order``)."""
-        rank = np.empty(self.order.shape, dtype=np.int32)
-        np.put_along_axis(rank, self.order, np.arange(self.num_samples, dtype=np.int32)[None], axis=1)
+    def sample_rank(self) -> np.ndarray:
+        """``sample_rank[m, r]``: where sample m stands in row r's sorted order (``order``
+        inverted), sample-major so that one sample's ranks in every row lie together."""
+        rank = np.empty(self.order.shape[::-1], dtype=np.int32)
+        rank[self.order, np.arange(len(self.order))[:, None]] = np.arange(self.num_samples, dtype=np.int32)[None]
         return rank
 
     @cached_property
-    def candidate_correct(self) -> np.ndarray:
-        """Correctness per (position, candidate) as int8 rows; row r's is ``row_candidate[r]``."""
-        return self.records.correct.reshape(-1, self.num_samples).view(np.int8)
+    def sample_row_correct(self) -> np.ndarray:
+        """``sample_row_correct[m, r]``: is row r's candidate right on sample m (int8, sample-major)."""
+        return np.ascontiguousarray(self.records.correct[self.row_position, self.row_k - 1].T).view(np.int8)
 
     @cached_property
-    def row_candidate(self) -> np.ndarray:
-        return self.row_position * self.records.correct.shape[1] + self.row_k - 1
+    def row_start(self) -> np.ndarray:
+        """First row of each position (positions 0..N, the last two past the end)."""
+        return np.searchsorted(self.row_position, np.arange(self.num_positions + 1))
 
     def objective(self, lam: float | np.ndarray, correct: np.ndarray | int, macs: np.ndarray | int) -> np.ndarray:
         """Eq. 12 from total correct answers (eq. 10: over M * A_ori = the final head's correct
