@@ -29,12 +29,16 @@ DEMO_BACKBONE = "resnet18_fmnist"
 class BackboneRecipe(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 256
     max_lr: float = 0.15
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     crop_padding: int = 2
+    # bfloat16 autocast: oneDNN's AVX512-BF16 kernels train ~1.5x faster here than fp32, which
+    # buys the extra epochs that take the demo past 92% inside the time budget. Without BF16
+    # hardware support torch falls back to slower emulation, so it can be switched off.
+    bf16: bool = True
     seed: int = 0
 
 
@@ -86,7 +90,8 @@ def fit(model: torch.nn.Module, dataset: Dataset, recipe: BackboneRecipe) -> Non
         bar = tqdm(loader, desc=f"backbone epoch {epoch + 1}/{recipe.epochs}", leave=False)
         for images, labels in bar:
             images = augment(images, recipe.crop_padding, generator).contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(images), labels, label_smoothing=recipe.label_smoothing)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+                loss = F.cross_entropy(model(images), labels, label_smoothing=recipe.label_smoothing)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
