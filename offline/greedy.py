@@ -23,7 +23,7 @@ from numba import njit
 
 from dyce.rule import should_exit
 
-from .objective import SearchProblem
+from .objective import MoveTables, SearchProblem
 
 BLOCK = 256
 # Objective units: far above the rounding between a bound and an exact value (~1e-15), far
@@ -32,30 +32,53 @@ BOUND_MARGIN = 1e-9
 
 
 @njit(cache=True)
+def _scan_row(row, gain, saved, ends, a, b, out_prefix, out_gain, out_saved, out_score, block_max):
+    """First argmax over tie-group ends of a * gain + b * saved, from one row's exact cumulative
+    sums (scored as ``MoveTables.best_moves`` scores them), and the best score of every block."""
+    top, top_prefix = -np.inf, 0
+    block_top = -np.inf
+    m = gain.shape[0]
+    for i in range(m):
+        if ends[i]:
+            score = a * gain[i] + b * saved[i]
+            if score > top:
+                top, top_prefix = score, i
+            block_top = max(block_top, score)
+        if (i + 1) % BLOCK == 0 or i == m - 1:
+            block_max[row, i // BLOCK] = block_top
+            block_top = -np.inf
+    out_prefix[row], out_gain[row], out_saved[row], out_score[row] = (
+        top_prefix,
+        gain[top_prefix],
+        saved[top_prefix],
+        top,
+    )
+
+
+@njit(cache=True)
+def _best_of_sums(gain, saved, ends, a, b, out_prefix, out_gain, out_saved, out_score, block_max):
+    """``_scan_row`` for every row of precomputed cumulative sums."""
+    for row in range(gain.shape[0]):
+        _scan_row(row, gain[row], saved[row], ends[row], a, b, out_prefix, out_gain, out_saved, out_score, block_max)
+
+
+@njit(cache=True)
 def _best_prefixes(rows, order, sorted_correct, ends, reach, carry_correct, carry_macs, a, b, out_prefix, out_gain,
                    out_saved, out_score, block_max):  # fmt: skip
-    """Per row: first argmax over tie-group ends of a * gain + b * saved (exact integer sums,
-    scored as ``MoveTables.best_moves`` scores them), and the best score of every block."""
+    """``_scan_row`` for ``rows`` (all at one position), their cumulative sums built from the
+    samples' reach and carry-on fates at that position."""
     m = order.shape[1]
-    for r in rows:
-        gain = 0
-        saved = 0
-        top, top_prefix, top_gain, top_saved = -np.inf, 0, 0, 0
-        block_top = -np.inf
+    gain = np.empty(m, dtype=np.int64)
+    saved = np.empty(m, dtype=np.int64)
+    for row in rows:
+        gain_sum, saved_sum = 0, 0
         for i in range(m):
-            sample = order[r, i]
+            sample = order[row, i]
             if reach[sample]:
-                gain += sorted_correct[r, i] - carry_correct[sample]
-                saved += carry_macs[sample]
-            if ends[r, i]:
-                score = a * gain + b * saved
-                if score > top:
-                    top, top_prefix, top_gain, top_saved = score, i, gain, saved
-                block_top = max(block_top, score)
-            if (i + 1) % BLOCK == 0 or i == m - 1:
-                block_max[r, i // BLOCK] = block_top
-                block_top = -np.inf
-        out_prefix[r], out_gain[r], out_saved[r], out_score[r] = top_prefix, top_gain, top_saved, top
+                gain_sum += sorted_correct[row, i] - carry_correct[sample]
+                saved_sum += carry_macs[sample]
+            gain[i], saved[i] = gain_sum, saved_sum
+        _scan_row(row, gain, saved, ends[row], a, b, out_prefix, out_gain, out_saved, out_score, block_max)
 
 
 @njit(cache=True)
@@ -70,53 +93,88 @@ def _carry(position, exit_at, second, correct_here, path, reach, carry_correct, 
 
 
 @njit(cache=True)
-def _add_change(rank, row, sample, change, rises, totals):
-    block = rank[sample, row] // BLOCK
-    totals[row, block] += change
-    rises[row, block] += max(change, 0.0)
+def _refresh_exits(samples, exit_here, exit_at, second):
+    """First and second exit position of ``samples`` (the final head always takes them)."""
+    last = exit_here.shape[0] - 1
+    for sample in samples:
+        first, then = -1, last
+        for n in range(last + 1):
+            if exit_here[n, sample]:
+                if first >= 0:
+                    then = n
+                    break
+                first = n
+        exit_at[sample], second[sample] = first, then
 
 
 @njit(cache=True)
-def _reach_changes(sign, samples, exit_at, second, position, row_start, row_position, rank, row_correct, correct_here,
-                   path, a, b, rises, totals):  # fmt: skip
-    """Rows after ``position`` that ``samples`` (leaving at ``exit_at``, else at ``second``)
-    stop reaching (sign -1) or now reach (sign +1): minus or plus their score there."""
-    for z in range(samples.shape[0]):
-        sample, leave = samples[z], exit_at[z]
-        for row in range(row_start[position + 1], row_start[leave + 1]):
-            n = row_position[row]
-            fate = leave if leave > n else second[z]
-            exit_gain = row_correct[sample, row] - correct_here[fate, sample]
-            _add_change(rank, row, sample, sign * (a * exit_gain + b * (path[fate] - path[n])), rises, totals)
+def _totals(exit_at, second, correct_here, path, exit_macs):
+    """Total correct answers and MACs, and the same with each position's exit disabled (its
+    leavers go on to their second exit, everyone passing it skips the exit's MACs)."""
+    n_pos = path.shape[0]
+    leaving = np.zeros(n_pos, dtype=np.int64)
+    moved_correct = np.zeros(n_pos, dtype=np.int64)
+    moved_macs = np.zeros(n_pos, dtype=np.int64)
+    correct, macs = 0, 0
+    for sample in range(exit_at.shape[0]):
+        leave, then = exit_at[sample], second[sample]
+        right = correct_here[leave, sample]
+        leaving[leave] += 1
+        correct += right
+        macs += path[leave]
+        moved_correct[leave] += correct_here[then, sample] - right
+        moved_macs[leave] += path[then] - path[leave]
+    reach_count = np.cumsum(leaving[::-1])[::-1]
+    off_correct = correct + moved_correct
+    off_macs = macs - exit_macs * reach_count + moved_macs
+    return correct, macs, off_correct[:-1], off_macs[:-1], reach_count[:-1]
 
 
 @njit(cache=True)
-def _raise_bounds(position, rank, row_start, row_position, row_correct, correct_here, path, a, b,
-                  before, before_rise, before_exit, before_through, before_uniform,
-                  lost, lost_exit, lost_second, gained, gained_exit, gained_second,
-                  slack, block_max, bound):  # fmt: skip
-    """Raise every row's per-block bound by what a move at ``position`` can add to a prefix score.
+def _raise_bounds(position, samples, old_exit, old_second, old_correct, exit_at, second, correct_here, old_path, path,
+                  a, b, uniform, rank, row_start, row_position, row_correct, slack, block_max, bound):  # fmt: skip
+    """Raise every row's per-block bound by what the move at ``position`` can add to a prefix
+    score there: ``samples`` are those whose decision or correctness at ``position`` changed.
 
-    Rows before the move: samples whose fate from ``position`` on changed score ``before_rise``
-    more there (and every sample going through pays the exit's MAC change: ``before_uniform``).
-    Rows after it: ``lost`` samples no longer reach them, ``gained`` ones now do.
+    Rows before the move see a sample's fate from ``position`` on (where it leaves if it carries
+    on past the row); every sample going through also pays the exit's MAC change (``uniform``
+    covers it). Rows after the move lose the samples that now leave at ``position`` and gain
+    those that no longer do.
     """
     n_rows, n_blocks = slack.shape
     rises = np.zeros((n_rows, n_blocks))
     totals = np.zeros((n_rows, n_blocks))
-    here, after = row_start[position], row_start[position + 1]
-    for z in range(before.shape[0]):
-        first, last = (0, here) if before_through[z] else (row_start[before_exit[z]], row_start[before_exit[z] + 1])
-        for row in range(first, last):
-            _add_change(rank, row, before[z], before_rise[z], rises, totals)
-    _reach_changes(-1.0, lost, lost_exit, lost_second, position, row_start, row_position, rank, row_correct,
-                   correct_here, path, a, b, rises, totals)  # fmt: skip
-    _reach_changes(1.0, gained, gained_exit, gained_second, position, row_start, row_position, rank, row_correct,
-                   correct_here, path, a, b, rises, totals)  # fmt: skip
-    for row in range(n_rows):
-        if here <= row < after:
+    here = row_start[position]
+    for z in range(samples.shape[0]):
+        sample, was_leave, was_then = samples[z], old_exit[z], old_second[z]
+        leave, then = exit_at[sample], second[sample]
+        if was_leave >= position or was_then >= position:
+            through = was_leave >= position
+            fate, new_fate = (was_leave, leave) if through else (was_then, then)
+            fate_correct = old_correct[z] if fate == position else correct_here[fate, sample]
+            rise = b * (old_path[new_fate] - old_path[fate]) - a * (correct_here[new_fate, sample] - fate_correct)
+            first, last = (0, here) if through else (row_start[was_leave], row_start[was_leave + 1])
+            for row in range(first, last):
+                block = rank[sample, row] // BLOCK
+                totals[row, block] += rise
+                rises[row, block] += max(rise, 0.0)
+        if was_leave > position and leave == position:
+            sign, leave, then = -1.0, was_leave, was_then
+        elif was_leave == position and leave > position:
+            sign = 1.0
+        else:
             continue
-        entering = before_uniform if row < here else 0.0
+        for row in range(row_start[position + 1], row_start[leave + 1]):
+            n = row_position[row]
+            fate = leave if leave > n else then
+            change = sign * (a * (row_correct[sample, row] - correct_here[fate, sample]) + b * (path[fate] - path[n]))
+            block = rank[sample, row] // BLOCK
+            totals[row, block] += change
+            rises[row, block] += max(change, 0.0)
+    for row in range(n_rows):
+        if row_position[row] == position:
+            continue
+        entering = uniform if row < here else 0.0
         top = -np.inf
         for block in range(n_blocks):
             slack[row, block] += entering + rises[row, block]
@@ -133,7 +191,8 @@ class GreedyState:
     of every move there, eq. 13) cost O(M) per round for all positions together.
     """
 
-    def __init__(self, problem: SearchProblem, lam: float) -> None:
+    def __init__(self, problem: SearchProblem, lam: float, start: MoveTables) -> None:
+        """``start``: the tables of the empty configuration, where every lambda starts."""
         p = self.problem = problem
         n_pos, m, n_rows = p.num_positions, p.num_samples, len(p.row_position)
         self.lam = lam
@@ -159,25 +218,14 @@ class GreedyState:
         self._reach = np.empty(m, dtype=bool)
         self._carry_correct = np.empty(m, dtype=np.int8)
         self._carry_macs = np.empty(m, dtype=np.int64)
-        for n in range(n_pos - 1):
-            self._evaluate(n, p.rows_at[n])
+        _best_of_sums(start.gain_correct, start.saved_macs, p.ends, self.a, self.b, self.prefix, self.gain, self.saved,
+                      self.score, self.block_max)  # fmt: skip
+        self.bound[:] = self.score
+        self.valid[:] = True
 
     def _position_totals(self):
-        """Total correct answers and MACs now, and with each position's exit disabled."""
-        p, n_pos = self.problem, self.problem.num_positions
-        samples = np.arange(p.num_samples)
-        leaving = np.bincount(self.exit_at, minlength=n_pos)
-        reach_count = np.cumsum(leaving[::-1])[::-1]
-        correct_at = self.correct_here[self.exit_at, samples]
-        correct_next = self.correct_here[self.second, samples]
-        correct, macs = int(correct_at.sum()), int(leaving @ self.path)
-        # Disabling n: its leavers go on to their second exit, everyone passing n skips its exit's MACs.
-        moved = np.bincount(self.exit_at, weights=correct_next - correct_at.astype(np.int64), minlength=n_pos)
-        pairs = np.bincount(self.exit_at * n_pos + self.second, minlength=n_pos * n_pos).reshape(n_pos, n_pos)
-        exit_macs = p.exit_macs[np.arange(n_pos), self.exits]
-        off_correct = correct + np.rint(moved).astype(np.int64)
-        off_macs = macs - exit_macs * reach_count - leaving * self.path + pairs @ self.path
-        return correct, macs, off_correct[:-1], off_macs[:-1], reach_count[:-1]
+        exit_macs = self.problem.exit_macs[np.arange(self.problem.num_positions), self.exits]
+        return _totals(self.exit_at, self.second, self.correct_here, self.path, exit_macs)
 
     def _evaluate(self, position: int, rows: np.ndarray) -> None:
         """Exact best prefix of ``rows`` (all at ``position``) under the current configuration."""
@@ -229,9 +277,8 @@ class GreedyState:
 
     def apply(self, position: int, k: int, threshold: float) -> None:
         """Alg. 2 lines 12-13, then the bookkeeping: exits per sample, the rows' bounds."""
-        p, n_pos = self.problem, self.problem.num_positions
-        old_exit_at, old_second, old_path = self.exit_at.copy(), self.second.copy(), self.path
-        old_correct = self.correct_here[position].copy()
+        p = self.problem
+        old_path, old_correct = self.path, self.correct_here[position].copy()
         leaves = self.exit_here[position].copy()
         if k:
             self.exit_here[position] = should_exit(p.records.confidence[position, k - 1], threshold)
@@ -241,32 +288,13 @@ class GreedyState:
             self.correct_here[position] = 0
         self.exits[position], self.thresholds[position] = k, threshold
         self.path = np.cumsum(p.step_macs(self.exits))
-        flipped = np.flatnonzero(leaves != self.exit_here[position])
-        if len(flipped):
-            here = self.exit_here[:, flipped]
-            first = np.argmax(here, axis=0)
-            here[first, np.arange(len(flipped))] = False
-            self.exit_at[flipped] = first
-            self.second[flipped] = np.where(first < n_pos - 1, np.argmax(here, axis=0), n_pos - 1)
-
-        # Rows before the move see a sample's fate from `position` on (where it leaves, if it
-        # carries on past the row): its first exit at or after `position`.
-        through = old_exit_at >= position
-        affected = np.flatnonzero(through | (old_second >= position))
-        through = through[affected]
-        was = np.where(through, old_exit_at[affected], old_second[affected])
-        now = np.where(through, self.exit_at[affected], self.second[affected])
-        was_correct = np.where(was == position, old_correct[affected], self.correct_here[was, affected])
-        rise = self.b * (old_path[now] - old_path[was]) - self.a * (self.correct_here[now, affected] - was_correct)
-        changed = rise != 0.0
-        extra_macs = int(self.path[-1] - old_path[-1])
-        # Rows after it: samples that leave at `position` now stop reaching them, and vice versa.
-        lost = np.flatnonzero((old_exit_at > position) & (self.exit_at == position))
-        gained = np.flatnonzero((old_exit_at == position) & (self.exit_at > position))
-        _raise_bounds(position, p.sample_rank, p.row_start, p.row_position, p.sample_row_correct, self.correct_here,
-                      self.path, self.a, self.b,
-                      affected[changed], rise[changed], old_exit_at[affected][changed], through[changed],
-                      self.b * max(extra_macs, 0) * len(affected),
-                      lost, old_exit_at[lost], old_second[lost], gained, self.exit_at[gained], self.second[gained],
-                      self.slack, self.block_max, self.bound)  # fmt: skip
+        flipped = leaves != self.exit_here[position]
+        samples = np.flatnonzero(flipped | (leaves & (old_correct != self.correct_here[position])))
+        old_exit, old_second = self.exit_at[samples], self.second[samples]
+        _refresh_exits(np.flatnonzero(flipped), self.exit_here, self.exit_at, self.second)
         self.valid &= p.row_position == position
+        # Every sample whose first exit from `position` on exists pays the exit's MAC change.
+        uniform = self.b * max(int(self.path[-1] - old_path[-1]), 0) * np.count_nonzero(self.second >= position)
+        _raise_bounds(position, samples, old_exit, old_second, old_correct[samples], self.exit_at, self.second,
+                      self.correct_here, old_path, self.path, self.a, self.b, uniform, p.sample_rank, p.row_start,
+                      p.row_position, p.sample_row_correct, self.slack, self.block_max, self.bound)  # fmt: skip
