@@ -56,7 +56,7 @@ class SearchProblem:
         self.row_k = np.array([k for _, k in rows], dtype=np.int64)
         self.row_exit_macs = self.exit_macs[self.row_position, self.row_k]
         conf = np.stack([records.confidence[n, k - 1] for n, k in rows])
-        self.order = np.argsort(-conf, axis=1, kind="stable").astype(np.int32 if m < 2**31 else np.int64)
+        self.order = np.argsort(-conf, axis=1, kind="stable")
         self.sorted_conf = np.take_along_axis(conf, self.order, axis=1)
         correct = np.stack([records.correct[n, k - 1] for n, k in rows])
         self.sorted_correct = np.take_along_axis(correct, self.order, axis=1).astype(np.int8)
