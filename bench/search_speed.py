@@ -11,7 +11,9 @@ MACs: 50 equal-ish segments, exits costing 0.01-1% of the model, like the paper'
     python bench/search_speed.py [--samples 50000] [--positions 50] [--kinds 5] [--lambdas 101]
 
 Last line: JSON with ``single_pass_s`` and ``iterative_s`` (the latter over ``iterative_lambdas``
-lambdas, all of the grid unless ``--iterative-lambdas`` says fewer).
+lambdas, all of the grid unless ``--iterative-lambdas`` says fewer). ``iterative_s`` includes the
+iterative search's own set-up (sample ranks, the empty configuration's tables) and, on the first
+run after a fresh checkout, compiling its numba passes (~2-3 s; cached next to the module after).
 """
 
 from __future__ import annotations

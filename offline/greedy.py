@@ -214,14 +214,13 @@ class GreedyState:
         n_blocks = -(-m // BLOCK)
         self.block_max = np.zeros((n_rows, n_blocks))
         self.slack = np.zeros((n_rows, n_blocks))
-        self.valid = np.zeros(n_rows, dtype=bool)
+        self.valid = np.ones(n_rows, dtype=bool)
         self._reach = np.empty(m, dtype=bool)
         self._carry_correct = np.empty(m, dtype=np.int8)
         self._carry_macs = np.empty(m, dtype=np.int64)
         _best_of_sums(start.gain_correct, start.saved_macs, p.ends, self.a, self.b, self.prefix, self.gain, self.saved,
                       self.score, self.block_max)  # fmt: skip
         self.bound[:] = self.score
-        self.valid[:] = True
 
     def _position_totals(self):
         exit_macs = self.problem.exit_macs[np.arange(self.problem.num_positions), self.exits]
@@ -289,11 +288,12 @@ class GreedyState:
         self.exits[position], self.thresholds[position] = k, threshold
         self.path = np.cumsum(p.step_macs(self.exits))
         flipped = leaves != self.exit_here[position]
+        # The samples whose decision or correctness at `position` changed: no other fate moved.
         samples = np.flatnonzero(flipped | (leaves & (old_correct != self.correct_here[position])))
         old_exit, old_second = self.exit_at[samples], self.second[samples]
         _refresh_exits(np.flatnonzero(flipped), self.exit_here, self.exit_at, self.second)
         self.valid &= p.row_position == position
-        # Every sample whose first exit from `position` on exists pays the exit's MAC change.
+        # Rows before `position` see every sample that would carry on through it pay its exit's MAC change.
         uniform = self.b * max(int(self.path[-1] - old_path[-1]), 0) * np.count_nonzero(self.second >= position)
         _raise_bounds(position, samples, old_exit, old_second, old_correct[samples], self.exit_at, self.second,
                       self.correct_here, old_path, self.path, self.a, self.b, uniform, p.sample_rank, p.row_start,
