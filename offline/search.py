@@ -19,7 +19,7 @@ from dyce.config import ExitConfiguration
 from dyce.rule import should_exit
 
 from .greedy import GreedyState
-from .objective import MoveTables, SearchProblem
+from .objective import MoveTables, SearchProblem, move_tables
 
 UNIFORM_GRID = tuple(round(i / 100, 2) for i in range(101))
 
@@ -33,9 +33,10 @@ def iterative(problem: SearchProblem, lams: Sequence[float], max_rounds: int | N
     move (k_c, t_c) at any position, k_c = 0 (disable) included, until no move strictly lowers
     eq. 12. Each round's best move is exact (``greedy.GreedyState``)."""
     max_rounds = max_rounds or 4 * len(problem.row_position) + problem.num_positions
+    start = move_tables(problem, *problem.empty())
     found = {}
     for lam in tqdm(lams, desc="iterative search", leave=False, disable=not progress):
-        state = GreedyState(problem, lam)
+        state = GreedyState(problem, lam, start)
         for _ in range(max_rounds):
             move = state.best_move()
             if move is None:
