@@ -8,16 +8,21 @@ backbone's N positions, reasons and actions are fixed vocabularies.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .batcher import BatchReport
+from .runtime import SwitchReason
 
 # Early exits of the demo model finish well under a millisecond; the top buckets cover timeouts.
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.0075, 0.01,
     0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+# Every reason a switch is counted under (start-up is the initial tier, not a switch).
+SWITCH_REASONS = tuple(r for r in get_args(SwitchReason) if r != "startup")
 RELATIVE_MACS_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21)) + (1.5,)
 
 
@@ -58,6 +63,14 @@ class Metrics:
             "dyce_autoswitch_decisions", "Autoswitcher decisions by outcome", ["action"], registry=r
         )
         self.model_ready = Gauge("dyce_model_ready", "1 once the model is loaded and warmed up", registry=r)
+
+    def model_loaded(self, num_positions: int) -> None:
+        """Start every exit position and switch reason at 0: a series born with its first
+        increment has no earlier sample, so Prometheus's rate() and increase() miss that step."""
+        for position in range(num_positions):
+            self.exits.labels(position=str(position))
+        for reason in SWITCH_REASONS:
+            self.switches.labels(reason=reason)
 
     # Callbacks the service components are wired to.
     def batch_done(self, report: BatchReport) -> None:

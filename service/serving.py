@@ -55,6 +55,7 @@ class Service:
     # Life cycle ---------------------------------------------------------------------------
     async def load(self) -> None:
         self.runtime = await asyncio.to_thread(ModelRuntime, self.settings)
+        self.metrics.model_loaded(self.runtime.num_positions)
         self.state = TierState(self.runtime.initial_bank, self.settings.autoswitch, [self._tier_changed])
         self.batcher = DynamicBatcher(
             EarlyExitPipeline(self.runtime.executor, self.settings.max_batch_size),
