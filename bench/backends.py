@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 
 import torch
 import typer
+from measure import best_time, print_rows
 from rich.console import Console
-from rich.table import Table
 
 from dyce.backbones import build_backbone
 from dyce.execution_backends import OnnxRuntimeBackend
@@ -31,20 +30,9 @@ console = Console(stderr=True)
 IMAGES = {"resnet50": 64, "resnet18_fmnist": 512}
 
 
-def best_time(executor: EarlyExitExecutor, images: torch.Tensor, batch: int, repeats: int) -> float:
+def run_all(executor: EarlyExitExecutor, images: torch.Tensor, batch: int, repeats: int) -> float:
     chunks = [images[i : i + batch] for i in range(0, images.shape[0], batch)]
-    executor.run(chunks[0])
-    best = float("inf")
-    for _ in range(repeats):
-        if executor.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for chunk in chunks:
-            executor.run(chunk)
-        if executor.device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return best_time(lambda: [executor.run(chunk) for chunk in chunks], repeats, executor.device)
 
 
 def main(repeats: int = 3, device: str = "cpu", models: str = ",".join(IMAGES)) -> None:
@@ -64,7 +52,7 @@ def main(repeats: int = 3, device: str = "cpu", models: str = ",".join(IMAGES)) 
                 "onnxruntime": EarlyExitExecutor(backbone, exits, macs, backend=OnnxRuntimeBackend(onnx_dir, dev)),
             }
             for batch in (1, 32):
-                seconds = {k: best_time(ex, images, batch, repeats) for k, ex in executors.items()}
+                seconds = {k: run_all(ex, images, batch, repeats) for k, ex in executors.items()}
                 for backend, t in seconds.items():
                     rows.append(
                         {
@@ -76,12 +64,7 @@ def main(repeats: int = 3, device: str = "cpu", models: str = ",".join(IMAGES)) 
                             "speedup_vs_torch": round(seconds["torch"] / t, 3),
                         }
                     )
-    table = Table(title=f"Executor backends ({device}, {torch.get_num_threads()} torch threads)")
-    for column in rows[0]:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
-    console.print(table)
+    print_rows(console, f"Executor backends ({device}, {torch.get_num_threads()} torch threads)", rows)
 
     def worst(batch: int) -> float:
         return min(r["speedup_vs_torch"] for r in rows if r["batch"] == batch and r["backend"] == "onnxruntime")

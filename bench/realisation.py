@@ -28,14 +28,13 @@ Run: python bench/realisation.py [--repeats 3] [--device cpu]
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import torch
 import typer
+from measure import best_time, print_rows
 from rich.console import Console
 from rich.progress import track
-from rich.table import Table
 
 from dyce.backbones import build_backbone
 from dyce.config import ExitConfiguration
@@ -70,19 +69,10 @@ def make_config(records: ExitRecords, plan: dict[float, tuple[int, float]]) -> E
 
 
 def time_runs(fn, images: torch.Tensor, batch: int, repeats: int, device: torch.device) -> float:
-    """Best-of-``repeats`` wall time for ``fn`` to process every image in chunks of ``batch``."""
+    """Best wall time for ``fn`` to process every image in chunks of ``batch``."""
     chunks = [images[i : i + batch] for i in range(0, images.shape[0], batch)]
-    fn(chunks[:1])  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(chunks)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
+    fn(chunks[:1])  # warm-up of this batch size's kernels
+    return best_time(lambda: fn(chunks), repeats, device)
 
 
 def measure_model(name: str, repeats: int, dev: torch.device) -> list[dict]:
@@ -140,12 +130,7 @@ def main(repeats: int = 3, device: str = "cpu", models: str = ",".join(MODELS)) 
     torch.manual_seed(0)
     rows = [row for name in models.split(",") for row in measure_model(name, repeats, dev)]
 
-    table = Table(title=f"Realised vs MAC-predicted gain ({device}, {torch.get_num_threads()} threads)")
-    for column in rows[0]:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
-    console.print(table)
+    print_rows(console, f"Realised vs MAC-predicted gain ({device}, {torch.get_num_threads()} threads)", rows)
 
     def worst(batch: int, mode: str) -> float:
         return min(r["ratio"] for r in rows if r["batch"] == batch and r["mode"] == mode)
