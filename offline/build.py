@@ -1,7 +1,7 @@
 """Step `build`: every missing step, in order, restarting from the last step whose artefacts
 exist (a step that reruns makes every later step rerun, so nothing stale survives).
 
-``build_demo`` makes a small, fast artefact set for tests of other packages.
+``demo_options`` describes a small, fast build on a subset (``dyce-offline build --subset N``).
 """
 
 from __future__ import annotations
@@ -90,19 +90,3 @@ def demo_options(
         algorithms=algorithms,
         grid="uniform",
     )
-
-
-def build_demo(
-    root: str | Path,
-    subset: int = 2000,
-    epochs: int = 2,
-    exit_kinds: tuple[str, ...] = ("mlp1", "mlp3x500"),
-    exit_epochs: int = 3,
-    algorithms: tuple[Algorithm, ...] = ALGORITHMS,
-) -> OfflineLayout:
-    """A small but complete Fashion-MNIST artefact set under ``root`` (backbone, exits, records,
-    bank, report), for tests: ``subset`` exit-training images (half as many search and test
-    images), ``epochs`` backbone epochs, the given exit kinds. ~30 s on a 2-core CPU."""
-    layout = OfflineLayout(root)
-    build(layout, demo_options(subset, epochs, exit_kinds, exit_epochs, algorithms))
-    return layout
