@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gzip
 import io
 import os
 import secrets
@@ -20,14 +19,14 @@ from PIL import Image
 
 from dyce.artifacts import ArtifactLayout, load_bank_for
 from dyce.bank import Bank
+from offline.data import read_idx
 
 FASHION_MNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
 
 def fashion_mnist_pngs(count: int) -> list[bytes]:
     """The first ``count`` real Fashion-MNIST test images, PNG-encoded as a client would send them."""
-    data = gzip.decompress(FASHION_MNIST_TEST.read_bytes())
-    images = np.frombuffer(data, dtype=np.uint8, offset=16).reshape(-1, 28, 28)[:count]
+    images = read_idx(FASHION_MNIST_TEST)[:count]
     encoded = []
     for image in images:
         buffer = io.BytesIO()

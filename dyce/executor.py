@@ -48,7 +48,7 @@ class EarlyExitExecutor:
         self.exits = exits
         self.macs = macs
         self._path_costs: dict[ExitConfiguration, np.ndarray] = {}
-        self._config = self._checked(config or ExitConfiguration.final_only(backbone.num_positions))
+        self._config = self.checked(config or ExitConfiguration.final_only(backbone.num_positions))
 
     @property
     def num_positions(self) -> int:
@@ -60,13 +60,18 @@ class EarlyExitExecutor:
 
     def set_config(self, config: ExitConfiguration) -> None:
         """Atomic: a single reference assignment of an immutable, pre-validated object."""
-        self._config = self._checked(config)
+        self._config = self.checked(config)
 
-    def _checked(self, config: ExitConfiguration) -> ExitConfiguration:
+    def checked(self, config: ExitConfiguration) -> ExitConfiguration:
+        """``config`` once validated against the exit set (its path costs are then cached)."""
         config.check_candidates(self.exits.num_candidates)
         if config not in self._path_costs:
             self._path_costs[config] = self.macs.path_costs(config)
         return config
+
+    def path_costs(self, config: ExitConfiguration) -> np.ndarray:
+        """Relative MACs of a sample leaving at each position under a ``checked`` configuration."""
+        return self._path_costs[config]
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         return self.backend.prepare(images)
@@ -74,7 +79,7 @@ class EarlyExitExecutor:
     @torch.inference_mode()
     def run(self, images: torch.Tensor, config: ExitConfiguration | None = None) -> ExecutionResult:
         """Classify a batch. ``config`` overrides the active configuration for this batch only."""
-        config = self._checked(config) if config is not None else self._config
+        config = self.checked(config) if config is not None else self._config
         x = self.prepare(images)
         batch = x.shape[0]
         out = torch.empty(batch, self.backbone.num_classes, device=self.device)
@@ -106,6 +111,6 @@ class EarlyExitExecutor:
         return ExecutionResult(
             probabilities=out.cpu(),
             exit_positions=exit_at_cpu,
-            relative_macs=self._path_costs[config][exit_at_cpu.numpy()],
+            relative_macs=self.path_costs(config)[exit_at_cpu.numpy()],
             config=config,
         )

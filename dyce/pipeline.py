@@ -55,7 +55,7 @@ class EarlyExitPipeline:
     def push(self, images: torch.Tensor, tags: list[Hashable], config: ExitConfiguration | None = None) -> None:
         if images.shape[0] != len(tags):
             raise ValueError("one tag per image is required")
-        config = self.executor._checked(config) if config is not None else self.executor.config
+        config = self.executor.checked(config) if config is not None else self.executor.config
         self._queues[0].append(_Waiting(self.executor.prepare(images), list(tags), config))
 
     def has_full_batch(self) -> bool:
@@ -136,7 +136,7 @@ class EarlyExitPipeline:
         out = []
         leaving_rows = [i for i, leaves in enumerate(leaving.tolist()) if leaves]
         for config, rows in _group_rows(configs, leaving_rows):
-            cost = float(self.executor._path_costs[config][position])
+            cost = float(self.executor.path_costs(config)[position])
             index = torch.as_tensor(rows, device=probs.device)
             out.append(
                 ExitedSamples([tags[i] for i in rows], probs.index_select(0, index).cpu(), position, cost, config)

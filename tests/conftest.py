@@ -4,7 +4,6 @@ and a real uvicorn server on a loopback port."""
 from __future__ import annotations
 
 import contextlib
-import gzip
 import io
 import socket
 import threading
@@ -27,6 +26,7 @@ from dyce.exits import ExitSet
 from dyce.macs import measure_macs
 from dyce.preprocess import FASHION_MNIST
 from dyce.simulate import simulate
+from offline.data import read_idx
 from tests.core_helpers import quantile_config, records_for
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -36,18 +36,11 @@ FASHION_MNIST_LABELS = (
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    data = gzip.decompress(path.read_bytes())
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 @pytest.fixture(scope="session")
 def fmnist_test_images() -> tuple[np.ndarray, np.ndarray]:
     """The first 1000 real Fashion-MNIST test images (uint8 28x28) and labels."""
-    images = _read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")[:1000]
-    labels = _read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")[:1000].astype(np.int64)
+    images = read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")[:1000]
+    labels = read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")[:1000].astype(np.int64)
     return images, labels
 
 
@@ -119,14 +112,14 @@ def build_core_demo_artifacts(root: Path, num_train: int = 1000, num_records: in
     backbone = build_backbone("resnet18_fmnist")
     channels = [shape[0] for shape in backbone.position_shapes()]
     exits = ExitSet.build(channels, backbone.num_classes, ("mlp1", "mlp3x500"), positions=CORE_EXIT_POSITIONS)
-    train_images = _read_idx(FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz")[:num_train]
-    train_labels = _read_idx(FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz")[:num_train].astype(np.int64)
+    train_images = read_idx(FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz")[:num_train]
+    train_labels = read_idx(FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz")[:num_train].astype(np.int64)
     with torch.enable_grad():
         _fit_probes(backbone, exits, _normalised(train_images), torch.as_tensor(train_labels))
     macs = measure_macs(backbone, exits)
     # Held out from both the training images and the requests the tests send (the first test images).
-    held_out = _read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")[-num_records:]
-    held_out_labels = _read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")[-num_records:].astype(np.int64)
+    held_out = read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")[-num_records:]
+    held_out_labels = read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")[-num_records:].astype(np.int64)
     records = records_for(backbone, exits, _normalised(held_out), held_out_labels)
     configs = [
         quantile_config(records, plan) if plan else ExitConfiguration.final_only(backbone.num_positions)
