@@ -23,6 +23,7 @@ from dyce.simulate import ExitRecords, simulate
 
 from .layout import OfflineLayout
 from .objective import SearchProblem
+from .provenance import current_inputs, write_step_manifest
 from .records import load_records
 from .search import UNIFORM_GRID, adaptive_grid, baseline, iterative, single_pass
 
@@ -76,6 +77,7 @@ def build_bank(
     grid: Literal["adaptive", "uniform"] = "adaptive",
     progress: bool = True,
 ) -> tuple[Bank, list[SearchRun]]:
+    inputs = current_inputs(layout, ("records",))
     manifest, records = load_records(layout)
     problem = SearchProblem(records["search"], manifest.macs)
     entries, runs = [], []
@@ -111,4 +113,9 @@ def build_bank(
     )
     bank.save(layout.bank)
     layout.search_runs.write_text("[\n" + ",\n".join(run.model_dump_json() for run in runs) + "\n]\n")
+    write_step_manifest(layout, "search", "search", search_recipe(algorithms, grid), inputs)
     return bank, runs
+
+
+def search_recipe(algorithms: tuple[str, ...], grid: str) -> dict:
+    return {"algorithms": list(algorithms), "grid": grid}

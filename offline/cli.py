@@ -27,6 +27,19 @@ def main(
     ctx.obj = OfflineLayout(artifacts or default_root())
 
 
+Device = Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N (default: CUDA when available)")]
+PrecisionOption = Annotated[
+    str | None,
+    typer.Option(help="auto (bf16 where the hardware has it natively, else fp32) | bf16 | fp32; default: the recipe's"),
+]
+
+
+def _precision(value: str | None) -> str | None:
+    if value not in (None, "auto", "bf16", "fp32"):
+        raise typer.BadParameter("precision must be auto, bf16 or fp32")
+    return value
+
+
 def _echo(model) -> None:
     typer.echo(model.model_dump_json(indent=1) if hasattr(model, "model_dump_json") else json.dumps(model, indent=1))
 
@@ -54,12 +67,22 @@ def train_backbone_command(
     epochs: Annotated[int | None, typer.Option(help="default: the recipe's")] = None,
     max_lr: Annotated[float | None, typer.Option(help="default: the recipe's")] = None,
     seed: Annotated[int | None, typer.Option(help="default: the recipe's")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="default: the recipe's")] = None,
+    precision: PrecisionOption = None,
+    device: Device = None,
 ) -> None:
     """Train the demo backbone (resnet18_fmnist) on the exit-train split."""
     from .train_backbone import BackboneRecipe, train_backbone
 
-    given = {"epochs": epochs, "max_lr": max_lr, "seed": seed}
-    _echo(train_backbone(ctx.obj, BackboneRecipe(**{k: v for k, v in given.items() if v is not None})))
+    given = {
+        "epochs": epochs,
+        "max_lr": max_lr,
+        "seed": seed,
+        "batch_size": batch_size,
+        "precision": _precision(precision),
+    }
+    recipe = BackboneRecipe(**{k: v for k, v in given.items() if v is not None})
+    _echo(train_backbone(ctx.obj, recipe, device=device))
 
 
 @app.command("import-backbone")
@@ -82,23 +105,29 @@ def train_exits_command(
     ),
     epochs: int = 3,
     targets: Annotated[str, typer.Option(help="soft (eq. 2-3, default) | hard (labels)")] = "soft",
-    bf16: bool = True,
+    precision: Annotated[str, typer.Option(help="auto (native bf16 only) | bf16 | fp32")] = "auto",
+    device: Device = None,
 ) -> None:
     """Train every candidate exit with the backbone frozen."""
     from .train_exits import ExitRecipe, train_exits
 
     if targets not in ("soft", "hard"):
         raise typer.BadParameter("targets must be soft or hard")
-    recipe = ExitRecipe(kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()), epochs=epochs, targets=targets)
-    _echo(train_exits(ctx.obj, recipe.model_copy(update={"bf16": bf16})))
+    recipe = ExitRecipe(
+        kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+        epochs=epochs,
+        targets=targets,
+        precision=_precision(precision),  # type: ignore[arg-type]
+    )
+    _echo(train_exits(ctx.obj, recipe, device=device))
 
 
 @app.command("record")
-def record_command(ctx: typer.Context) -> None:
+def record_command(ctx: typer.Context, device: Device = None) -> None:
     """Record every exit's confidence, prediction and correctness on the search and test splits."""
     from .records import record
 
-    _echo(record(ctx.obj).model_dump(include={"num_candidates", "sizes"}))
+    _echo(record(ctx.obj, device=device).model_dump(include={"num_candidates", "sizes"}))
 
 
 @app.command()
@@ -135,6 +164,7 @@ def export_onnx_command(
     ctx: typer.Context,
     out: Annotated[Path | None, typer.Option(help="directory for the graphs (default <artifacts>/onnx)")] = None,
     opset: int = 18,
+    device: Annotated[str, typer.Option(help="where to trace the graphs (the graphs run anywhere)")] = "cpu",
 ) -> None:
     """Export segments, head and every exit the bank uses to ONNX, for DYCE_BACKEND=onnxruntime."""
     from dyce.artifacts import ArtifactLayout, load_backbone, load_bank_for, load_exits
@@ -144,7 +174,8 @@ def export_onnx_command(
     layout = ArtifactLayout(ctx.obj.root)
     backbone, _ = load_backbone(layout)
     exits, _ = load_exits(layout)
-    manifest = export_onnx(backbone, exits, load_bank_for(layout).used_exits(), out or layout.root / "onnx", opset)
+    used = load_bank_for(layout).used_exits()
+    manifest = export_onnx(backbone, exits, used, out or layout.root / "onnx", opset, device=device)
     typer.echo(
         json.dumps(
             {
@@ -162,10 +193,15 @@ def build(
     ctx: typer.Context,
     force: Annotated[bool, typer.Option(help="rerun every step")] = False,
     subset: Annotated[int | None, typer.Option(help="small demo: this many exit-training images")] = None,
+    precision: PrecisionOption = None,
+    device: Device = None,
 ) -> None:
-    """Run every missing step for the Fashion-MNIST demo."""
+    """Run every missing or stale step for the Fashion-MNIST demo (a step is stale when what it
+    was made from changed: an input's content or its recipe), and say why each one runs."""
     from .build import BuildOptions, build, demo_options
 
     options = demo_options(subset) if subset else BuildOptions()
-    ran = build(ctx.obj, options, force=force)
+    if _precision(precision):
+        options = options.with_precision(precision)  # type: ignore[arg-type]
+    ran = build(ctx.obj, options.model_copy(update={"device": device}), force=force)
     typer.echo(json.dumps({"artifacts": str(ctx.obj.root), "ran": ran}))

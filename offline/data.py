@@ -28,6 +28,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from dyce.preprocess import FASHION_MNIST, PreprocessSpec
 
 from .layout import OfflineLayout
+from .provenance import write_step_manifest
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_LABELS = (
@@ -133,6 +134,25 @@ def subsample(splits: dict[str, np.ndarray], sizes: dict[str, int], seed: int) -
     }
 
 
+def data_recipe(
+    source: str = "fashion-mnist",
+    path: str | Path | None = None,
+    search_size: int = 10_000,
+    seed: int = 0,
+    limit: dict[str, int] | None = None,
+) -> dict:
+    """The settings that decide the splits, as the data step records them."""
+    if source == "fashion-mnist":
+        path = path or FASHION_MNIST_DIR
+    return {
+        "source": source,
+        "path": None if path is None else str(Path(path)),
+        "search_size": search_size,
+        "seed": seed,
+        "limit": dict(sorted(limit.items())) if limit else None,
+    }
+
+
 def prepare_data(
     layout: OfflineLayout,
     source: Literal["fashion-mnist", "image-folder"] = "fashion-mnist",
@@ -170,6 +190,7 @@ def prepare_data(
         sizes={name: int(len(idx)) for name, idx in splits.items()},
     )
     layout.data_manifest.write_text(manifest.model_dump_json(indent=1))
+    write_step_manifest(layout, "data", "data", data_recipe(source, path, search_size, seed, limit), {})
     return manifest
 
 

@@ -55,13 +55,17 @@ def export_onnx(
     used_exits: Iterable[tuple[int, int]],
     directory: str | Path,
     opset: int = DEFAULT_OPSET,
+    device: str = "cpu",
 ) -> OnnxManifest:
+    """``device``: where the graphs are traced. The graphs themselves carry no device (ONNX Runtime
+    picks its provider when it loads them), so this only matters for tracing speed."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    backbone = backbone.eval().to("cpu", memory_format=torch.contiguous_format)
+    backbone = backbone.eval().to(device, memory_format=torch.contiguous_format)
+    exits = exits.to(device)
     used = sorted(set(used_exits))
     # Batch 2 in the examples: a batch of 1 would let the exporter specialise the batch axis.
-    x = torch.zeros(2, *backbone.input_spec.shape)
+    x = torch.zeros(2, *backbone.input_spec.shape, device=device)
     segments, exit_graphs = [], {}
     with Progress(transient=True) as progress:
         task = progress.add_task("export ONNX", total=backbone.num_positions + 1 + len(used))

@@ -30,12 +30,14 @@ from dyce.backbones import SegmentedModel
 from dyce.bank import BackboneIdentity, ExitIdentity
 from dyce.exits import ExitSet
 from dyce.macs import MacTable, measure_macs
+from dyce.numerics import resolve_device
 from dyce.rule import confidence_and_prediction, probabilities
 from dyce.simulate import ExitRecords
 
 from .data import load_split
 from .features import backbone_pass
 from .layout import OfflineLayout
+from .provenance import current_inputs, write_step_manifest
 
 RECORDED_SPLITS = ("search", "test")
 
@@ -64,10 +66,10 @@ def record_split(backbone: SegmentedModel, exits: ExitSet, dataset) -> dict[str,
         heads.append((n_pos - 1, 1, logits))
         for n, k, exit_logits in heads:
             conf, pred = confidence_and_prediction(probabilities(exit_logits))
-            confidence[n, k - 1], prediction[n, k - 1] = conf.numpy(), pred.numpy()
+            confidence[n, k - 1], prediction[n, k - 1] = conf.cpu().numpy(), pred.cpu().numpy()
         parts["confidence"].append(confidence)
         parts["prediction"].append(prediction)
-        parts["labels"].append(labels.numpy())
+        parts["labels"].append(labels.cpu().numpy())
 
     backbone_pass(backbone, dataset, keep, desc="recording exits")
     labels = np.concatenate(parts["labels"])
@@ -80,15 +82,23 @@ def record_split(backbone: SegmentedModel, exits: ExitSet, dataset) -> dict[str,
     }
 
 
-def record(layout: OfflineLayout) -> RecordsManifest:
+def record(layout: OfflineLayout, device: str | None = None) -> RecordsManifest:
+    """Records in fp32 whatever the device (the service's numerics: the search must see what it
+    will serve); the MAC table is measured on the CPU copy."""
+    inputs = current_inputs(layout, ("splits", "backbone", "exits"))
     backbone, backbone_manifest = load_backbone(layout)
     exits, exits_manifest = load_exits(layout)
+    device = resolve_device(device)
+    backbone.to(device, memory_format=torch.channels_last)
+    exits.to(device)
     arrays, sizes = {}, {}
     for split in RECORDED_SPLITS:
         dataset = load_split(layout, split, backbone_manifest.preprocess)
         for name, value in record_split(backbone, exits, dataset).items():
             arrays[f"{split}_{name}"] = value
         sizes[split] = len(arrays[f"{split}_labels"])
+    backbone.to("cpu", memory_format=torch.contiguous_format)
+    exits.to("cpu")
     manifest = RecordsManifest(
         backbone=backbone_manifest.identity,
         exits=tuple(exits_manifest.identities()),
@@ -98,6 +108,7 @@ def record(layout: OfflineLayout) -> RecordsManifest:
     )
     np.savez_compressed(layout.records, **arrays)
     layout.records_manifest.write_text(manifest.model_dump_json(indent=1))
+    write_step_manifest(layout, "record", "record", {}, inputs)
     return manifest
 
 

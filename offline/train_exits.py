@@ -6,8 +6,9 @@ the default) or plain cross-entropy on hard labels; Adam, lr 3e-4.
 
 The paper's exits start with global average pooling, and a frozen backbone always produces the
 same features, so the pooled features of every position are computed in ONE backbone pass and
-the MLPs are trained on that cache. Exits of other architectures (registered kinds that need
-the full feature maps) take the general path: the frozen backbone runs again every epoch.
+the MLPs are trained on that cache, kept on the training device. Exits of other architectures
+(registered kinds that need the full feature maps) take the general path: the frozen backbone
+runs again every epoch.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict
+from rich.console import Console
 from torch.nn import functional as F
 from tqdm import tqdm
 
@@ -24,11 +26,16 @@ from dyce.artifacts import backbone_identity, load_backbone, save_exits
 from dyce.backbones import SegmentedModel
 from dyce.exits import PAPER_EXIT_KINDS, ExitSet, PooledMLPExit
 from dyce.hashing import state_dict_sha256
+from dyce.numerics import Numerics, Precision, choose_numerics
 
 from .data import load_split
 from .features import backbone_pass
 from .layout import OfflineLayout
+from .loading import batches
+from .provenance import current_inputs, write_step_manifest
 from .train_backbone import frozen
+
+console = Console(stderr=True)
 
 
 class ExitRecipe(BaseModel):
@@ -39,7 +46,9 @@ class ExitRecipe(BaseModel):
     batch_size: int = 256
     lr: float = 3e-4
     targets: str = "soft"  # "soft": eq. 2-3 against the backbone's output; "hard": the labels
-    bf16: bool = True  # bfloat16 autocast for the MLP matmuls (2x on CPUs with AVX512-BF16)
+    # auto: bf16 autocast for the MLP matmuls where the hardware has native bf16 (2x on
+    # AVX512-BF16), fp32 where it would be emulated (dyce.numerics).
+    precision: Precision = "auto"
     seed: int = 0
 
 
@@ -48,16 +57,13 @@ class ExitTrainingReport(BaseModel):
     train_images: int
     seconds: float
     backbone_sha256: str
+    numerics: Numerics
 
 
 def exit_loss(logits: torch.Tensor, teacher_probs: torch.Tensor, labels: torch.Tensor, targets: str) -> torch.Tensor:
     if targets == "soft":
         return -(teacher_probs * F.log_softmax(logits.float(), dim=1)).sum(1).mean()  # eq. 3
     return F.cross_entropy(logits.float(), labels)
-
-
-def _autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 def train_on_pooled(
@@ -67,20 +73,22 @@ def train_on_pooled(
     labels: torch.Tensor,
     recipe: ExitRecipe,
     generator: torch.Generator,
+    numerics: Numerics | None = None,
 ) -> None:
     """Train the MLP of every pooled exit on cached pooled features (one optimiser, summed
-    losses: the exits share no parameter, so this is each exit trained on its own)."""
+    losses: the exits share no parameter, so this is each exit trained on its own). The exits
+    train where the cache is."""
+    numerics = numerics or choose_numerics(recipe.precision, str(labels.device))
     heads = [(s.position, exits.exit(s.position, s.index).mlp) for s in exits.all_specs() if _pooled(exits, s)]
     if not heads:
         return
     optimiser = torch.optim.Adam([p for _, mlp in heads for p in mlp.parameters()], lr=recipe.lr)
     m = len(labels)
     for epoch in range(recipe.epochs):
-        permutation = torch.randperm(m, generator=generator)
-        batches = permutation.split(recipe.batch_size)
-        bar = tqdm(batches, desc=f"exits epoch {epoch + 1}/{recipe.epochs}", leave=False)
+        permutation = torch.randperm(m, generator=generator).to(labels.device)
+        bar = tqdm(permutation.split(recipe.batch_size), desc=f"exits epoch {epoch + 1}/{recipe.epochs}", leave=False)
         for idx in bar:
-            with _autocast(recipe.bf16):
+            with numerics.autocast():
                 loss = sum(
                     exit_loss(mlp(pooled[n][idx]), teacher[idx], labels[idx], recipe.targets) for n, mlp in heads
                 )
@@ -95,24 +103,32 @@ def _pooled(exits: ExitSet, spec) -> bool:
 
 
 def train_on_maps(
-    backbone: SegmentedModel, exits: ExitSet, dataset, recipe: ExitRecipe, generator: torch.Generator
+    backbone: SegmentedModel,
+    exits: ExitSet,
+    dataset,
+    recipe: ExitRecipe,
+    generator: torch.Generator,
+    numerics: Numerics | None = None,
 ) -> None:
-    """The general path: exits that need full feature maps, the frozen backbone run every epoch."""
+    """The general path: exits that need full feature maps, the frozen backbone run every epoch
+    (on the backbone's device)."""
     general = [spec for spec in exits.all_specs() if not _pooled(exits, spec)]
     if not general:
         return
+    device = str(next(backbone.parameters()).device)
+    numerics = numerics or choose_numerics(recipe.precision, device)
     modules = [exits.exit(s.position, s.index) for s in general]
     optimiser = torch.optim.Adam([p for module in modules for p in module.parameters()], lr=recipe.lr)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=recipe.batch_size, shuffle=True, generator=generator)
     for epoch in range(recipe.epochs):
+        loader = batches(dataset, recipe.batch_size, device, shuffle=True, generator=generator)
         for images, labels in tqdm(loader, desc=f"map exits epoch {epoch + 1}/{recipe.epochs}", leave=False):
             with torch.no_grad():
-                x, outputs = images, []
+                x, outputs = images.contiguous(memory_format=torch.channels_last), []
                 for segment in backbone.segments:
                     x = segment(x)
                     outputs.append(x)
                 teacher = torch.softmax(backbone.head(x), dim=1)
-            with _autocast(recipe.bf16):
+            with numerics.autocast():
                 loss = sum(
                     exit_loss(module(outputs[s.position]), teacher, labels, recipe.targets)
                     for s, module in zip(general, modules, strict=True)
@@ -122,8 +138,9 @@ def train_on_maps(
             optimiser.step()
 
 
-def pooled_features(backbone: SegmentedModel, dataset, positions: Sequence[int]):
-    """Global-average-pooled outputs of ``positions`` and the backbone's softmax, one pass."""
+def pooled_features(backbone: SegmentedModel, dataset, positions: Sequence[int], device: str | None = None):
+    """Global-average-pooled outputs of ``positions`` and the backbone's softmax, one pass,
+    cached on ``device`` (default: the backbone's)."""
     pooled: list[list[torch.Tensor]] = [[] for _ in range(backbone.num_positions)]
     teacher, labels = [], []
 
@@ -133,7 +150,7 @@ def pooled_features(backbone: SegmentedModel, dataset, positions: Sequence[int])
         teacher.append(torch.softmax(logits.float(), dim=1))
         labels.append(batch_labels)
 
-    backbone_pass(backbone, dataset, keep, desc="pooling features")
+    backbone_pass(backbone, dataset, keep, desc="pooling features", device=device)
     return (
         [torch.cat(p) if p else torch.empty(0) for p in pooled],
         torch.cat(teacher),
@@ -141,30 +158,39 @@ def pooled_features(backbone: SegmentedModel, dataset, positions: Sequence[int])
     )
 
 
-def train_exits(layout: OfflineLayout, recipe: ExitRecipe | None = None) -> ExitTrainingReport:
+def train_exits(
+    layout: OfflineLayout, recipe: ExitRecipe | None = None, device: str | None = None
+) -> ExitTrainingReport:
     recipe = recipe or ExitRecipe()
+    numerics = choose_numerics(recipe.precision, device)
+    console.print(f"train-exits: {numerics.describe()}")
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
+    inputs = current_inputs(layout, ("splits", "backbone"))
     backbone, manifest = load_backbone(layout)
     frozen(backbone)
     before = state_dict_sha256(backbone.model)
     channels = [shape[0] for shape in backbone.position_shapes()]
     exits = ExitSet.build(channels, backbone.num_classes, recipe.kinds)
+    backbone.to(numerics.device, memory_format=torch.channels_last)
+    exits.to(numerics.device)
     dataset = load_split(layout, "exit_train", manifest.preprocess)
     start = time.perf_counter()
     pooled_positions = sorted({s.position for s in exits.all_specs() if _pooled(exits, s)})
     pooled, teacher, labels = pooled_features(backbone, dataset, pooled_positions)
     exits.train()
-    train_on_pooled(exits, pooled, teacher, labels, recipe, generator)
-    train_on_maps(backbone, exits, dataset, recipe, generator)
-    exits.eval()
+    train_on_pooled(exits, pooled, teacher, labels, recipe, generator, numerics)
+    train_on_maps(backbone, exits, dataset, recipe, generator, numerics)
+    exits.eval().to("cpu")
+    backbone.to("cpu", memory_format=torch.contiguous_format)
     seconds = time.perf_counter() - start
     after = state_dict_sha256(backbone.model)
     if after != before:
         raise RuntimeError("exit training changed the backbone's weights")
     save_exits(layout, exits, backbone_identity(backbone))
     report = ExitTrainingReport(
-        recipe=recipe, train_images=len(labels), seconds=round(seconds, 1), backbone_sha256=after
+        recipe=recipe, train_images=len(labels), seconds=round(seconds, 1), backbone_sha256=after, numerics=numerics
     )
     layout.exit_training.write_text(report.model_dump_json(indent=1))
+    write_step_manifest(layout, "train-exits", "train-exits", recipe, inputs)
     return report

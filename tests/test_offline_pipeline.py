@@ -85,10 +85,35 @@ def test_bank_matches_artefacts_and_simulation(built):
     for entry in bank.entries[::17]:
         result = simulate(records["test"], entry.config, bank.macs)
         assert entry.test.accuracy == result.accuracy and entry.test.relative_macs == result.relative_macs
-    report = json.loads(built.report_json.read_text())
-    for split in ("search", "test"):
-        assert set(report[f"{split}_rel_macs_at_drop"]) == {"0.5", "2", "5"}
     assert built.report_png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_chooses_on_search_and_measures_on_test(built):
+    """The honest figure: for each drop, the cheapest configuration within it on the SEARCH
+    split, then that configuration simulated on the test records; the flattering figure (the
+    cheapest within the drop on the test split itself) is kept under its own name."""
+    bank = load_bank_for(built)
+    _, records = load_records(built)
+    report = json.loads(built.report_json.read_text())
+    original = {split: float(r.correct[-1, 0].mean()) for split, r in records.items()}
+    for drop in ("0.5", "2", "5"):
+        # Brute force over the bank, from the records (not the bank's stored figures).
+        scored = [(e, simulate(records["search"], e.config, bank.macs)) for e in bank.entries]
+        within = [(e, r) for e, r in scored if r.accuracy >= original["search"] * (1 - float(drop) / 100) - 1e-12]
+        entry, on_search = min(within, key=lambda er: (er[1].relative_macs, -er[1].accuracy))
+        on_test = simulate(records["test"], entry.config, bank.macs)
+        chosen = report["test_at_drop_chosen_on_search"][drop]
+        assert chosen["search_rel_macs"] == pytest.approx(on_search.relative_macs)
+        assert chosen["test_rel_macs"] == pytest.approx(on_test.relative_macs)
+        assert chosen["test_drop_percent"] == pytest.approx(100 * (1 - on_test.accuracy / original["test"]))
+        on_test_all = [simulate(records["test"], e.config, bank.macs) for e in bank.entries]
+        cheapest_on_test = min(
+            r.relative_macs for r in on_test_all if r.accuracy >= original["test"] * (1 - float(drop) / 100) - 1e-12
+        )
+        assert report["test_rel_macs_at_drop_chosen_on_test"][drop] == pytest.approx(cheapest_on_test)
+    assert "test_rel_macs_at_drop" not in report  # the old, ambiguous name
+    markdown = built.report_md.read_text()
+    assert "Chosen on the search split, measured on the test split" in markdown and "chosen on test" in markdown
 
 
 class ConvExit(nn.Module):
