@@ -68,7 +68,11 @@ def run_algorithm(problem: SearchProblem, algorithm: Algorithm, grid: str, progr
     def run(lams):
         return search(problem, lams, progress=progress)
 
-    return adaptive_grid(run) if grid == "adaptive" else run(list(UNIFORM_GRID))
+    def measure(config: ExitConfiguration) -> tuple[float, float]:
+        result = simulate(problem.records, config, problem.macs)
+        return result.accuracy, result.relative_macs
+
+    return adaptive_grid(run, measure=measure) if grid == "adaptive" else run(list(UNIFORM_GRID))
 
 
 def build_bank(

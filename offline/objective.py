@@ -37,6 +37,7 @@ class SearchProblem:
 
     def __init__(self, records: ExitRecords, macs: MacTable) -> None:
         self.records = records
+        self.macs = macs
         self.num_positions = n_pos = records.num_positions
         self.num_samples = m = records.num_samples
         self.num_candidates = tuple(records.num_candidates)

@@ -10,7 +10,7 @@ figures kept for them come from ``dyce.simulate.simulate``, the one shared rule.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -154,19 +154,60 @@ def baseline(problem: SearchProblem, lams: Sequence[float]):
     return {lam: config for lam, (_, config) in best.items()}
 
 
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (accuracy, relative MACs) points no other point beats, cheapest first."""
+    front: list[tuple[float, float]] = []
+    for acc, macs in sorted(points, key=lambda p: (p[1], -p[0])):
+        if not front or acc > front[-1][0]:
+            front.append((acc, macs))
+    return front
+
+
 def adaptive_grid(
-    search, lams: Sequence[float] = UNIFORM_GRID, min_distinct: int = 50, max_lams: int = 400, min_gap: float = 1e-4
+    search,
+    lams: Sequence[float] = UNIFORM_GRID,
+    min_distinct: int = 50,
+    max_lams: int = 1000,
+    min_gap: float = 1e-4,
+    measure: Callable[[ExitConfiguration], tuple[float, float]] | None = None,
+    max_front_gap: float = 0.01,
 ) -> dict[float, ExitConfiguration]:
-    """Refine lambda where neighbouring lambdas gave different configurations, bisecting the
-    widest such gaps (in metric space) first, until ``min_distinct`` distinct configurations
-    exist or no gap can be split further. ``search(lams) -> {lam: configuration}``."""
+    """Refine lambda where neighbouring lambdas gave different configurations (a new one can
+    only lie between two that differ), bisecting every such pair at once, round after round:
+
+    1. until ``min_distinct`` distinct configurations exist;
+    2. then, with ``measure(config) -> (accuracy, relative MACs)`` on the search split, only the
+       pairs whose MACs span a hole wider than ``max_front_gap`` between adjacent entries of the
+       Pareto front, until no such hole is left or no pair spanning one can be split any more
+       (the lambdas closer than ``min_gap``: no lambda between them gives a new configuration,
+       to that resolution).
+
+    Stops at ``max_lams`` lambdas whatever is left. ``search(lams) -> {lam: configuration}``."""
     found = dict(search(list(lams)))
-    while len(set(found.values())) < min_distinct and len(found) < max_lams:
+    scores: dict[ExitConfiguration, tuple[float, float]] = {}
+
+    def score(config: ExitConfiguration) -> tuple[float, float]:
+        if config not in scores:
+            scores[config] = measure(config)  # type: ignore[misc]
+        return scores[config]
+
+    while len(found) < max_lams:
         ordered = sorted(found)
-        gaps = [(a, b) for a, b in zip(ordered, ordered[1:], strict=False) if found[a] != found[b] and b - a > min_gap]
+        pairs = [(a, b) for a, b in zip(ordered, ordered[1:], strict=False) if found[a] != found[b] and b - a > min_gap]
+        if len(set(found.values())) < min_distinct:
+            gaps = pairs
+        elif measure is not None:
+            front = pareto_front([score(c) for c in set(found.values())])
+            holes = [(lo[1], hi[1]) for lo, hi in zip(front, front[1:], strict=False) if hi[1] - lo[1] > max_front_gap]
+            gaps = []
+            for a, b in pairs:
+                low, high = sorted((score(found[a])[1], score(found[b])[1]))
+                if any(low < hole_high and high > hole_low for hole_low, hole_high in holes):
+                    gaps.append((a, b))
+        else:
+            gaps = []
         if not gaps:
             break
-        budget = min(len(gaps), max_lams - len(found))
-        midpoints = [round((a + b) / 2, 6) for a, b in gaps[:budget]]
+        midpoints = [round((a + b) / 2, 6) for a, b in gaps[: max_lams - len(found)]]
         found.update(search(midpoints))
     return dict(sorted(found.items()))

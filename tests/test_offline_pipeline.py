@@ -4,6 +4,7 @@ what each step left behind (records format, bank vs artefacts, report), and the 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 from dyce.artifacts import load_backbone, load_bank_for, load_exits
 from dyce.exits import ExitSet, register_exit_kind
 from dyce.hashing import state_dict_sha256
+from dyce.numerics import choose_numerics
 from dyce.simulate import simulate
 from offline.cli import app
 from offline.data import load_split, read_idx
@@ -58,6 +60,65 @@ def test_build_is_restartable(built):
     result = CliRunner().invoke(app, ["--artifacts", str(built.root), "build", "--subset", str(SUBSET)])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["ran"] == []
+
+
+def _copy(built: OfflineLayout, tmp_path) -> OfflineLayout:
+    shutil.copytree(built.root, tmp_path / "artifacts")
+    return OfflineLayout(tmp_path / "artifacts")
+
+
+def _build(layout: OfflineLayout) -> tuple[list[str], str]:
+    result = CliRunner().invoke(app, ["--artifacts", str(layout.root), "build", "--subset", str(SUBSET)])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output.strip().splitlines()[-1])["ran"], result.output
+
+
+def test_a_backbone_retrained_by_hand_makes_every_later_step_rerun(built, tmp_path):
+    """The issue's failure: `train-backbone` with other settings, then `build`. The hand-made
+    backbone stays (made on purpose), everything made from the old one reruns, and the bank
+    then matches the artefacts the service loads."""
+    layout = _copy(built, tmp_path)
+    old_weights = load_backbone(layout)[1].identity.weights_sha256
+    args = ["--artifacts", str(layout.root), "train-backbone", "--epochs", "1", "--seed", "7", "--batch-size", "64"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    new_weights = load_backbone(layout)[1].identity.weights_sha256
+    assert new_weights != old_weights
+    ran, output = _build(layout)
+    assert ran == ["train-exits", "record", "search", "report"]
+    assert "backbone changed" in output and "kept: made by `dyce-offline train-backbone`" in output
+    bank = load_bank_for(layout)  # raises BankMismatchError if anything is left from the old backbone
+    assert bank.backbone.weights_sha256 == new_weights
+    assert load_records(layout)[0].backbone.weights_sha256 == new_weights
+    assert _build(layout)[0] == []
+
+
+def test_staleness_is_by_content_not_by_file_dates(built, tmp_path):
+    """Rewriting files with the same content reruns nothing; a changed bank reruns the report only."""
+    layout = _copy(built, tmp_path)
+    with np.load(layout.splits) as splits:
+        arrays = {name: splits[name] for name in splits.files}
+    np.savez(layout.splits, **arrays)  # new zip entries, new dates, same arrays
+    layout.bank.write_text(layout.bank.read_text())
+    assert _build(layout)[0] == []
+
+    bank = json.loads(layout.bank.read_text())
+    bank["entries"] = bank["entries"][:-1]
+    layout.bank.write_text(json.dumps(bank))
+    ran, output = _build(layout)
+    assert ran == ["report"] and "bank changed" in output
+    assert json.loads(layout.report_json.read_text())["entries"] == len(bank["entries"])
+
+
+def test_a_build_with_another_recipe_reruns_the_steps_it_made(built, tmp_path):
+    """Steps the build itself made rerun when its recipe changes (here the search grid only)."""
+    from offline.build import build, demo_options
+
+    layout = _copy(built, tmp_path)
+    ran = build(layout, demo_options(SUBSET).model_copy(update={"grid": "adaptive"}))
+    assert ran == ["search", "report"]
+    runs = json.loads(layout.search_runs.read_text())
+    assert {r["grid"] for r in runs if r["algorithm"] != "baseline"} == {"adaptive"}
 
 
 def test_records_round_trip_and_agree_with_the_backbone(built):
@@ -112,6 +173,20 @@ def test_report_chooses_on_search_and_measures_on_test(built):
         )
         assert report["test_rel_macs_at_drop_chosen_on_test"][drop] == pytest.approx(cheapest_on_test)
     assert "test_rel_macs_at_drop" not in report  # the old, ambiguous name
+    # The build's own figures: every step's time and the numerics each training step chose.
+    assert set(report["build"]["step_seconds"]) == {
+        "data",
+        "train-backbone",
+        "train-exits",
+        "record",
+        "search",
+        "report",
+    }
+    native = choose_numerics("auto", "cpu").precision
+    assert {s: n["precision"] for s, n in report["numerics"].items()} == {
+        "train-backbone": native,
+        "train-exits": native,
+    }
     markdown = built.report_md.read_text()
     assert "Chosen on the search split, measured on the test split" in markdown and "chosen on test" in markdown
 
