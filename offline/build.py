@@ -33,7 +33,15 @@ from dyce.numerics import Precision, choose_numerics
 from .bank_builder import ALGORITHMS, Algorithm, build_bank, search_recipe
 from .data import data_recipe, prepare_data
 from .layout import OfflineLayout
-from .provenance import BUILD, current_inputs, read_step_manifest, recipe_changes, recipe_dict, running_build
+from .provenance import (
+    BUILD,
+    FINGERPRINTS,
+    current_inputs,
+    read_step_manifest,
+    recipe_changes,
+    recipe_dict,
+    running_build,
+)
 from .records import record
 from .report import make_report
 from .train_backbone import BackboneRecipe, train_backbone
@@ -131,8 +139,10 @@ def why_rerun(layout: OfflineLayout, step: Step) -> tuple[str | None, str]:
     manifest = read_step_manifest(layout, step.name)
     if manifest is None:
         return "no record of what its outputs were made from", ""
-    now = current_inputs(layout, step.inputs)
-    changed = [name for name in step.inputs if manifest.inputs.get(name) != now[name]]
+    # The inputs its producer read: an imported backbone depends on no split, a trained one does.
+    read = tuple(name for name in manifest.inputs if name in FINGERPRINTS)
+    now = current_inputs(layout, read)
+    changed = [name for name in read if manifest.inputs[name] != now[name]]
     if changed:
         return f"{', '.join(changed)} changed since it ran", ""
     if manifest.recipe_sha256 == json_sha256(step.recipe):

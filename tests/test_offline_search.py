@@ -220,3 +220,35 @@ def test_dominated_entries_are_marked_not_dropped():
 
     marked = mark_dominated([entry(0.9, 0.5), entry(0.8, 0.6), entry(0.9, 0.5), entry(0.95, 0.7)])
     assert [e.dominated for e in marked] == [False, True, True, False]
+
+
+def _front(points):
+    """Pareto front by brute force: points no other point beats (>= accuracy, <= MACs, one strictly)."""
+    kept = {
+        p for p in points if not any(q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1]) for q in points)
+    }
+    return sorted(kept, key=lambda p: p[1])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_adaptive_grid_leaves_no_front_hole_a_finer_grid_would_fill(seed):
+    """After refinement, every hole wider than 0.01 relative MACs between adjacent front entries
+    is one that a 4001-lambda scan cannot fill either: no configuration of the scan lands inside
+    it without being beaten by the refined front."""
+    records, macs = random_problem(seed, positions=6, kinds=3, samples=400, levels=200)
+    problem = SearchProblem(records, macs)
+
+    def measure(config):
+        result = simulate(records, config, macs)
+        return result.accuracy, result.relative_macs
+
+    refined = adaptive_grid(lambda lams: single_pass(problem, lams), min_distinct=5, measure=measure, min_gap=1e-5)
+    front = _front({measure(c) for c in set(refined.values())})
+    scan = {measure(c) for c in set(single_pass(problem, list(np.linspace(0, 1, 4001))).values())}
+    holes = [(lo, hi) for lo, hi in zip(front, front[1:], strict=False) if hi[1] - lo[1] > 0.01]
+    for lo, hi in holes:
+        filling = [p for p in scan if lo[1] < p[1] < hi[1] and p[0] > lo[0]]
+        assert not filling, (lo, hi, filling)
+    # and the coarse grid alone did leave such holes, so the refinement had work to do
+    coarse = _front({measure(c) for c in set(single_pass(problem, [i / 100 for i in range(101)]).values())})
+    assert len(front) > len(coarse)
