@@ -1,4 +1,10 @@
-"""``dyce-serve``: read the settings from the environment and run uvicorn."""
+"""``dyce-serve``: read the settings, load the model, run uvicorn; one clear line when it cannot.
+
+Everything that can stop the server before it serves (bad settings, missing or corrupt
+artefacts, a bank searched for other weights, a failed warm-up) is reported as one line on
+stderr saying what is wrong and what fixes it, with exit status 1 (2 for bad settings); the
+traceback goes to the log at debug level (``DYCE_LOG_LEVEL=debug``).
+"""
 
 from __future__ import annotations
 
@@ -7,27 +13,50 @@ import sys
 
 from pydantic import ValidationError
 
+log = logging.getLogger("dyce.service")
+
+
+def _refuse(message: str, status: int) -> None:
+    print(f"dyce-serve: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
 
 def main() -> None:
     from .settings import Settings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings()
     except ValidationError as err:
-        problems = "\n".join(f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in err.errors())
-        print(f"dyce-serve: refusing to start:\n{problems}", file=sys.stderr)
-        raise SystemExit(2) from None
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in err.errors())
+        _refuse(f"refusing to start, bad settings (DYCE_* variables): {problems}", 2)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.generated_admin_token:
-        logging.getLogger("dyce.service").warning(
-            "INSECURE DEV MODE: admin token for this run: %s", settings.admin_token.get_secret_value()
-        )
+        log.warning("INSECURE DEV MODE: admin token for this run: %s", settings.admin_token.get_secret_value())
 
     import uvicorn
 
     from .app import create_app
+    from .edge import uvicorn_config
+    from .runtime import ModelRuntime, StartupError
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False)
+    try:
+        runtime = ModelRuntime(settings)
+    except StartupError as err:
+        log.debug("start-up failed", exc_info=err)
+        _refuse(f"cannot start: {err}", 1)
+    except Exception as err:  # not foreseen: still one line, the traceback at debug level
+        log.debug("start-up failed", exc_info=err)
+        _refuse(f"cannot start: {type(err).__name__}: {err} (DYCE_LOG_LEVEL=debug shows the traceback)", 1)
+
+    app = create_app(settings, runtime)
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    service = app.state.service
+    service.on_fatal.append(lambda _: setattr(server, "should_exit", True))
+    server.run()
+    if service.fatal is not None:
+        _refuse(f"stopped: {service.fatal}", 1)
+    if not server.started:
+        _refuse("stopped before serving (see the log above)", 1)
 
 
 if __name__ == "__main__":

@@ -12,28 +12,44 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import TooLarge, error_response, install_error_handlers
+from .errors import ROUTER_ERRORS, BodyTimeout, TooLarge, error_response, install_error_handlers
 from .routes import admin, classify, metrics, v2
+from .runtime import ModelRuntime
 from .serving import Service
 from .settings import Settings
 
 log = logging.getLogger("dyce.service")
 
 
+# Routes that must answer even when the server is saturated: probes, scrapes and operators.
+UNLIMITED_PREFIXES = ("/v2/health", "/metrics", "/admin")
+
+
 class ObserveRequests:
-    """Pure ASGI middleware (cheaper than BaseHTTPMiddleware): body-size limit, in-flight gauge,
-    and one count + duration per answered request, with the rejection reason of errors."""
+    """Pure ASGI middleware (cheaper than BaseHTTPMiddleware), the first thing a request meets:
+
+    - the in-flight limit: past ``max_in_flight_requests`` a request is answered 503 at once,
+      before its body is read, so overload costs a client milliseconds, not a wait in the event
+      loop that no timing header would show;
+    - the body-size limit, and a read timeout between body chunks (a client that promises a
+      body and stalls gets 408 and its connection closed, instead of holding a slot);
+    - the arrival time (``scope["state"]["arrived"]``) that the timing headers count from;
+    - the in-flight gauge, and one count + duration per answered request with its error reason.
+    """
 
     def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app = app
         self.service = service
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        limit = self.service.settings.max_body_bytes
+        scope.setdefault("state", {})["arrived"] = started
+        settings = self.service.settings
+        limit, body_timeout = settings.max_body_bytes, settings.body_read_timeout_s
         metrics = self.service.metrics
         status, reason = 500, None
 
@@ -46,31 +62,58 @@ class ObserveRequests:
                         reason = value.decode()
             await send(message)
 
-        received = 0
+        received, body_done = 0, False
 
         async def receive_limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # only a disconnect can come now; waiting for it has no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), body_timeout)
+            except TimeoutError:
+                raise BodyTimeout(f"no request body data for {body_timeout:g} s") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > limit:
                     raise TooLarge(f"request body exceeds {limit} bytes")
             return message
 
+        limited = not scope["path"].startswith(UNLIMITED_PREFIXES)
+        self.in_flight += limited
         metrics.in_flight.inc()
         try:
             declared = _content_length(scope)
-            if declared is not None and declared > limit:
+            if limited and self.in_flight > settings.max_in_flight_requests:
+                scope["route"] = EDGE_ROUTE
+                response = error_response(
+                    503,
+                    "overloaded",
+                    f"{settings.max_in_flight_requests} requests are in flight already; retry shortly",
+                    {"Retry-After": "1"},
+                )
+                await response(scope, receive, send_observed)
+            elif declared is not None and declared > limit:
                 response = error_response(413, "too_large", f"request body of {declared} bytes exceeds {limit} bytes")
                 await response(scope, receive, send_observed)
             else:
                 await self.app(scope, receive_limited, send_observed)
         finally:
+            self.in_flight -= limited
             metrics.in_flight.dec()
             route = scope.get("route")
             if reason is None and status >= 500:
                 reason = "internal"
             metrics.request_done(getattr(route, "path", "unmatched"), status, time.perf_counter() - started, reason)
+
+
+class _EdgeRoute:
+    """The route label of requests refused before routing."""
+
+    path = "edge"
+
+
+EDGE_ROUTE = _EdgeRoute()
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -83,19 +126,21 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def _report_warm_up_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.critical("warm-up failed; the server stays not ready", exc_info=task.exception())
+def create_app(settings: Settings, runtime: ModelRuntime | None = None) -> FastAPI:
+    """The application; ``runtime`` is the loaded model when the caller loaded it already
+    (``dyce-serve`` does, to report artefact problems before the server starts)."""
+    service = Service(settings, runtime)
 
-
-def create_app(settings: Settings) -> FastAPI:
-    service = Service(settings)
+    def warm_up_done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (err := task.exception()) is not None:
+            log.debug("warm-up failed", exc_info=err)
+            service.fail(f"warm-up failed: {type(err).__name__}: {err}")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await service.load()  # artefact problems stop start-up here, with the reason
         warm = asyncio.get_running_loop().create_task(service.warm_up(), name="dyce-warm-up")
-        warm.add_done_callback(_report_warm_up_failure)
+        warm.add_done_callback(warm_up_done)
         try:
             yield
         finally:
@@ -117,7 +162,8 @@ def create_app(settings: Settings) -> FastAPI:
         log.exception("unhandled error", exc_info=err)
         return error_response(500, "internal", "internal server error")
 
+    # The OpenAPI document lists each router's refusals with their real body (schemathesis checks it).
     for module in (classify, v2, admin, metrics):
-        app.include_router(module.router)
+        app.include_router(module.router, responses=ROUTER_ERRORS.get(module.router.prefix))
     app.add_middleware(ObserveRequests, service=service)
     return app

@@ -81,7 +81,9 @@ class CostModel:
                 while pipeline.waiting():
                     pipeline.step(flush=True)
                 times.append(time.perf_counter() - start)
-            return float(np.median(times))
+            # The minimum, not the median: a busy host only ever adds time, and a prior inflated
+            # by noise would make every tier look unable to meet the SLO.
+            return min(times)
 
         per_image_plain = timed(many) / many.shape[0]
         overhead = max(timed(one) - per_image_plain, 0.0)
@@ -143,12 +145,20 @@ class LoadWindow:
         while self._latencies and self._latencies[0][0] < horizon:
             self._latencies.popleft()
 
+    # Writers trim too: readers are skipped while the tier is pinned, and a window that only
+    # readers trimmed would grow with every request of a pinned replica.
     def arrived(self, images: float, at: float | None = None) -> None:
-        self._arrivals.append((time.monotonic() if at is None else at, images))
+        now = time.monotonic() if at is None else at
+        self._arrivals.append((now, images))
+        self._trim(now)
 
     def answered(self, latencies: list[float]) -> None:
         now = time.monotonic()
         self._latencies.extend((now, latency) for latency in latencies)
+        self._trim(now)
+
+    def __len__(self) -> int:
+        return len(self._arrivals) + len(self._latencies)
 
     def rate(self, span_s: float) -> float:
         """Images per second over the last ``span_s`` seconds."""
@@ -182,6 +192,12 @@ class Autoswitcher:
         self.window = LoadWindow(max(settings.autoswitch_window_s, settings.autoswitch_climb_window_s))
         self.listeners = list(listeners or [])
         self.slo_s = settings.slo_p95_ms / 1e3
+        if not self.slo_reachable:
+            log.warning(
+                "the %.0f ms latency objective is below twice the fixed cost of a pipeline step (%.1f ms), which "
+                "no tier changes: tiers are chosen by throughput alone",
+                settings.slo_p95_ms, costs.overhead_s * 1e3,
+            )  # fmt: skip
         self._pressure_since: float | None = None  # since when the active tier is overloaded
         self._calm_since: float | None = None  # since when a better tier would fit
         self._task: asyncio.Task[None] | None = None
@@ -194,12 +210,16 @@ class Autoswitcher:
         self.costs.observe(report)
         self.window.answered(report.latencies_s)
 
-    def admit(self, images: int) -> None:
-        """Refuse work the active tier could not finish within the SLO (auto mode only)."""
-        active = self.state.active
-        if active.mode != "auto":
-            return
-        capacity = self.costs.capacity(active.tier.config, self.settings.max_batch_size)
+    @property
+    def slo_reachable(self) -> bool:
+        """Whether choosing a tier can bring latency within the SLO at all: a request waits for
+        the running step and then for its own, and each costs at least the shared overhead."""
+        return 2 * self.costs.overhead_s <= self.slo_s
+
+    def admit(self, images: int, tier: Tier) -> None:
+        """Refuse work that could not finish within the SLO at the cost of the tier it will run
+        under: the active one, a pinned one, or the one the request asked for."""
+        capacity = self.costs.capacity(tier.config, self.settings.max_batch_size)
         finish_s = (self.queued_images() + images) / capacity
         if finish_s > self.slo_s:
             raise QueueFull(
@@ -213,7 +233,10 @@ class Autoswitcher:
         batch stays within the SLO."""
         batch = self.settings.max_batch_size
         usable = self.costs.capacity(tier.config, batch) * self.settings.autoswitch_target_utilisation * headroom
-        return rate <= usable and 2 * self.costs.steady_batch_time(tier.config, batch, rate) <= self.slo_s
+        if rate > usable:
+            return False
+        # An SLO that no tier can meet must not push the server down to a cheaper tier for nothing.
+        return not self.slo_reachable or 2 * self.costs.steady_batch_time(tier.config, batch, rate) <= self.slo_s
 
     def decide(self) -> tuple[str, int | None]:
         """One decision: (action, bank index to switch to or None)."""
@@ -233,7 +256,7 @@ class Autoswitcher:
             return "rejoin", best.index
         position = tiers.index(current)
         overloaded = not self.fits(current, rate, 1.0)
-        missing_slo = latency_p95 > self.slo_s
+        missing_slo = self.slo_reachable and latency_p95 > self.slo_s
         if overloaded or missing_slo:
             # Debounced: the pressure must last, not just one noisy window.
             self._calm_since = None

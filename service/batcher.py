@@ -38,11 +38,21 @@ log = logging.getLogger("dyce.service")
 
 
 @dataclass(eq=False)
+class Reservation:
+    """Room in the queue held for a request between admission and ``submit`` (while it decodes)."""
+
+    images: int
+    nbytes: int
+    held: bool = True
+
+
+@dataclass(eq=False)
 class Job:
     images: torch.Tensor  # (k, C, H, W)
     tier: Tier
     overrides_active: bool  # the client asked for a tier other than the active one
     future: asyncio.Future[JobResult]
+    nbytes: int = 0  # what the request holds in memory while queued (encoded + decoded)
     enqueued: float = field(default_factory=time.perf_counter)
     admitted: float = 0.0
     admitted_with: int = 0  # images admitted in the same step
@@ -86,11 +96,6 @@ class BatchReport:
 BatchObserver = Callable[[BatchReport], None]
 
 
-def _report_death(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.critical("the batcher stopped; requests will time out", exc_info=task.exception())
-
-
 class DynamicBatcher:
     def __init__(
         self,
@@ -99,19 +104,27 @@ class DynamicBatcher:
         max_wait_s: float,
         capacity: int,
         observers: list[BatchObserver] | None = None,
+        capacity_images: int | None = None,
+        capacity_bytes: int | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.max_batch = pipeline.batch_size
         self.max_delay_s = max_delay_s
         self.max_wait_s = max_wait_s
         self.capacity = capacity
+        self.capacity_images = capacity_images or capacity * self.max_batch
+        self.capacity_bytes = capacity_bytes
         self.observers = list(observers or [])
         self._queue: deque[Job] = deque()
         self._queued_images = 0
+        self._queued_bytes = 0
+        # Admitted requests still decoding: they count against every capacity.
+        self._reserved_requests = self._reserved_images = self._reserved_bytes = 0
         self._inside: dict[int, Job] = {}  # jobs with images in the pipeline, by id
         self._wakeup = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dyce-infer")
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @property
     def depth(self) -> int:
@@ -119,13 +132,31 @@ class DynamicBatcher:
 
     @property
     def queued_images(self) -> int:
-        return self._queued_images
+        """Images waiting for the pipeline, including those of admitted requests still decoding."""
+        return self._queued_images + self._reserved_images
 
-    def start(self) -> None:
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes + self._reserved_bytes
+
+    def start(self, on_death: Callable[[], None] | None = None) -> None:
+        """Run the serving loop; ``on_death`` is called if it ever ends other than by ``stop``."""
+
+        def died(task: asyncio.Task[None]) -> None:
+            if self._stopping:
+                return
+            log.critical(
+                "the batcher stopped; requests will time out",
+                exc_info=None if task.cancelled() else task.exception(),
+            )
+            if on_death is not None:
+                on_death()
+
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="dyce-batcher")
-        self._task.add_done_callback(_report_death)
+        self._task.add_done_callback(died)
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -133,16 +164,41 @@ class DynamicBatcher:
             if not job.future.done():
                 job.future.cancel()
         self._queue.clear()
+        self._queued_images = self._queued_bytes = 0
         self._pool.shutdown(wait=True)
 
-    def submit(self, images: torch.Tensor, tier: Tier, overrides_active: bool) -> Job:
-        if len(self._queue) >= self.capacity:
-            raise QueueFull(
-                f"queue is full ({self.capacity} requests waiting); retry shortly", headers={"Retry-After": "1"}
-            )
-        job = Job(images, tier, overrides_active, asyncio.get_running_loop().create_future())
+    def reserve(self, images: int, nbytes: int) -> Reservation:
+        """Hold room for a request before its images are decoded; 429 when any capacity is spent."""
+        full = None
+        if len(self._queue) + self._reserved_requests >= self.capacity:
+            full = f"{self.capacity} requests waiting"
+        elif self.queued_images + images > self.capacity_images:
+            full = f"{self.queued_images} images waiting, the limit is {self.capacity_images}"
+        elif self.capacity_bytes is not None and self.queued_bytes + nbytes > self.capacity_bytes:
+            full = f"{self.queued_bytes} bytes of images waiting, the limit is {self.capacity_bytes}"
+        if full is not None:
+            raise QueueFull(f"queue is full ({full}); retry shortly", headers={"Retry-After": "1"})
+        self._reserved_requests += 1
+        self._reserved_images += images
+        self._reserved_bytes += nbytes
+        return Reservation(images, nbytes)
+
+    def release(self, reservation: Reservation) -> None:
+        if reservation.held:
+            reservation.held = False
+            self._reserved_requests -= 1
+            self._reserved_images -= reservation.images
+            self._reserved_bytes -= reservation.nbytes
+
+    def submit(self, images: torch.Tensor, tier: Tier, overrides_active: bool, reservation: Reservation) -> Job:
+        """Queue a request's images in the room its reservation held."""
+        if not reservation.held:
+            raise RuntimeError("submit needs a reservation that is still held")
+        self.release(reservation)
+        job = Job(images, tier, overrides_active, asyncio.get_running_loop().create_future(), reservation.nbytes)
         self._queue.append(job)
         self._queued_images += job.size
+        self._queued_bytes += job.nbytes
         self._wakeup.set()
         return job
 
@@ -163,6 +219,7 @@ class DynamicBatcher:
         while self._queue and images < self.max_batch:
             job = self._queue.popleft()
             self._queued_images -= job.size
+            self._queued_bytes -= job.nbytes
             if job.future.done():
                 continue  # answered already (timeout, disconnect): spend nothing on it
             jobs.append(job)

@@ -41,10 +41,38 @@ def _image_errors() -> Iterator[None]:
 
 
 class ImageDecoder:
-    def __init__(self, preprocess: PreprocessSpec, max_pixels: int) -> None:
+    """Limits, all checked on the header before any pixel is decoded:
+
+    - ``max_pixels`` bounds the decoded image (width x height);
+    - ``max_side`` bounds each dimension;
+    - ``max_aspect_ratio`` bounds the *resized* image: the preprocessing scales the shorter side
+      to ``resize``, so a 1,000,000 x 1 PNG of 1 KB would become a 256,000,000-pixel-wide tensor
+      (tens of GB) before the centre crop. The longer side after the resize is at most
+      ``resize * max_aspect_ratio``.
+    """
+
+    def __init__(self, preprocess: PreprocessSpec, max_pixels: int, max_side: int, max_aspect_ratio: float) -> None:
         self.transform = preprocess.transform()
         self.max_pixels = max_pixels
+        self.max_side = max_side
+        self.max_aspect_ratio = max_aspect_ratio
         self.shape = (preprocess.channels, preprocess.crop, preprocess.crop)
+
+    def _check_size(self, width: int, height: int) -> None:
+        if width == 0 or height == 0:
+            raise BadRequest("image has no pixels")
+        if width * height > self.max_pixels:
+            raise TooLarge(
+                f"image is {width}x{height} = {width * height} pixels, more than the limit of "
+                f"{self.max_pixels} (decompression bomb protection)"
+            )
+        if max(width, height) > self.max_side:
+            raise TooLarge(f"image is {width}x{height}; each side may be at most {self.max_side} pixels")
+        if max(width, height) > self.max_aspect_ratio * min(width, height):
+            raise TooLarge(
+                f"image is {width}x{height}, an aspect ratio past the limit of {self.max_aspect_ratio:g}:1 "
+                "(its resize would need far more memory than the image itself)"
+            )
 
     def open(self, data: bytes) -> Image.Image:
         """Read and check the header only; raises a 4xx ServiceError."""
@@ -56,14 +84,7 @@ class ImageDecoder:
                 raise UnsupportedMediaType(
                     f"image format {image.format} is not accepted; send one of {', '.join(ACCEPTED_FORMATS)}"
                 )
-            width, height = image.size
-            if width * height > self.max_pixels:
-                raise TooLarge(
-                    f"image is {width}x{height} = {width * height} pixels, more than the limit of "
-                    f"{self.max_pixels} (decompression bomb protection)"
-                )
-            if width == 0 or height == 0:
-                raise BadRequest("image has no pixels")
+            self._check_size(*image.size)
             return image
 
     def tensor(self, image: Image.Image) -> torch.Tensor:

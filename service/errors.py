@@ -6,10 +6,15 @@ what ``tritonclient`` reads); ``code`` is the bounded reason that the rejection 
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 
 class ServiceError(Exception):
@@ -64,6 +69,15 @@ class Unprocessable(ServiceError):
     reason = "invalid"
 
 
+class BodyTimeout(ServiceError):
+    status_code = 408
+    reason = "body_timeout"
+
+    def __init__(self, message: str) -> None:
+        # The rest of the body may still arrive: the connection cannot carry another request.
+        super().__init__(message, headers={"Connection": "close"})
+
+
 class QueueFull(ServiceError):
     status_code = 429
     reason = "queue_full"
@@ -85,6 +99,43 @@ class Timeout(ServiceError):
     reason = "timeout"
 
 
+class ErrorBody(BaseModel):
+    """The body of every refusal, as the OpenAPI document declares it."""
+
+    error: str
+    code: str
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "malformed request or input",
+    401: "no admin bearer token",
+    403: "wrong admin token",
+    404: "unknown model, version, bank entry or bank file",
+    408: "the request body stopped arriving",
+    413: "body or image past the size limits",
+    415: "content type or image format not accepted",
+    422: "invalid parameters or body, or no bank entry satisfies them",
+    429: "queue full; retry after Retry-After seconds",
+    503: "not ready yet, or overloaded",
+    504: "no answer within the request timeout",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for a router: these statuses, each with the ``ErrorBody`` schema. A
+    declared 422 also replaces FastAPI's default, whose schema is not what the handler answers."""
+    return {status: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses}
+
+
+# What the routes of each router (by prefix) answer besides 200; 408, 413 and 503 can come from
+# the middleware on any route. /metrics is left out of the document.
+ROUTER_ERRORS = {
+    "/v1": error_responses(400, 408, 413, 415, 422, 429, 503, 504),
+    "/v2": error_responses(400, 404, 408, 413, 415, 422, 429, 503, 504),
+    "/admin": error_responses(400, 401, 403, 404, 408, 413, 422, 503),
+}
+
+
 def error_response(status_code: int, reason: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     response = JSONResponse({"error": message, "code": reason}, status_code=status_code, headers=headers)
     # The metrics middleware reads the reason from here instead of parsing the body again.
@@ -100,6 +151,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _service_error(_: Request, err: ServiceError) -> JSONResponse:
         return error_response(err.status_code, err.reason, err.message, err.headers)
 
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(_: Request, __: ClientDisconnect) -> JSONResponse:
+        # Nobody reads this answer; it is there so the metrics say 499, not 500, and nothing is logged.
+        return error_response(ClientGone.status_code, ClientGone.reason, "client disconnected")
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
@@ -108,6 +164,20 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, "invalid", f"invalid request: {problems}")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         reason = _STATUS_REASONS.get(err.status_code, "bad_request" if err.status_code < 500 else "internal")
-        return error_response(err.status_code, reason, str(err.detail), dict(err.headers or {}))
+        headers = dict(err.headers or {})
+        if err.status_code == 405:
+            # Starlette's Allow names the methods of the first route on the path only, and
+            # /admin/active has a GET route and a POST route.
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return error_response(err.status_code, reason, str(err.detail), headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods = []
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            methods.append(method)
+    return methods

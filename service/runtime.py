@@ -7,18 +7,20 @@ call) sees either the old tier or the new one, never a mixture of bank, index an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import ValidationError
 
 from dyce.artifacts import ArtifactLayout, load_backbone, load_bank_for, load_exits
-from dyce.bank import Bank, BankEntry
+from dyce.bank import Bank, BankEntry, BankMismatchError
 from dyce.config import ExitConfiguration
 from dyce.execution_backends import OnnxRuntimeBackend
 from dyce.executor import EarlyExitExecutor, ExecutionResult
@@ -156,6 +158,29 @@ class TierState:
         return None
 
 
+class StartupError(Exception):
+    """Why the server cannot start, and what fixes it: ``dyce-serve`` prints it as one line."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(f"{problem}; {fix}")
+
+
+@contextlib.contextmanager
+def _loading(what: str, fix: str) -> Iterator[None]:
+    """Any failure while loading ``what`` (missing, corrupt, for other weights) -> StartupError."""
+    try:
+        yield
+    except StartupError:
+        raise
+    except FileNotFoundError as err:
+        raise StartupError(f"{what}: missing file {err.filename or err}", fix) from err
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise StartupError(f"{what}: not a valid artefact ({first['msg']} at {first['loc']})", fix) from err
+    except Exception as err:  # corrupt safetensors, torch load errors, BankMismatchError, hash mismatches
+        raise StartupError(f"{what}: {type(err).__name__}: {err}", fix) from err
+
+
 # Triton-style platform names reported by /v2/models/{name}.
 PLATFORMS = {"torch": "pytorch_dyce", "onnxruntime": "onnxruntime_dyce"}
 
@@ -165,33 +190,49 @@ class ModelRuntime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.layout = ArtifactLayout(settings.artifacts_dir)
-        if not self.layout.backbone_manifest.is_file():
-            raise FileNotFoundError(
-                f"no artefacts in {self.layout.root.resolve()} (expected backbone.json, exits.json, bank.json); "
-                "build them with `dyce-offline build` or point DYCE_ARTIFACTS_DIR at them"
+        self.layout = layout = ArtifactLayout(settings.artifacts_dir)
+        if not layout.backbone_manifest.is_file():
+            raise StartupError(
+                f"no artefacts in {layout.root.resolve()} (expected backbone.json, exits.json, bank.json)",
+                "build them with `dyce-offline build`, or point DYCE_ARTIFACTS_DIR at them",
             )
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        backbone, self.manifest = load_backbone(self.layout)
-        exits, exit_manifest = load_exits(self.layout)
-        bank = load_bank_for(self.layout)  # raises BankMismatchError with the reason
+        rebuild = f"rebuild with `dyce-offline build --artifacts {layout.root}`"
+        with _loading(f"{layout.backbone_manifest.name} / {layout.backbone_weights.name}", rebuild):
+            backbone, self.manifest = load_backbone(layout)
+        with _loading(f"{layout.exits_manifest.name} / {layout.exits_weights.name}", rebuild):
+            exits, self.exit_manifest = load_exits(layout)
+        with _loading(str(layout.bank.name), f"search again with `dyce-offline build --artifacts {layout.root}`"):
+            bank = load_bank_for(layout)  # BankMismatchError says which weights it was searched for
         backend = None
         if settings.backend == "onnxruntime":
-            onnx_dir = settings.onnx_dir or self.layout.root / "onnx"
-            backend = OnnxRuntimeBackend(onnx_dir, torch.device(settings.device), settings.torch_threads or None)
-            backend.check_matches(
-                self.manifest.identity, {(e.position, e.index): e.sha256 for e in exit_manifest.exits}
-            )
+            onnx_dir = settings.onnx_dir or layout.root / "onnx"
+            with _loading(str(onnx_dir), f"export again with `dyce-offline export-onnx --artifacts {layout.root}`"):
+                backend = OnnxRuntimeBackend(onnx_dir, torch.device(settings.device), settings.torch_threads or None)
+                backend.check_matches(
+                    self.manifest.identity, {(e.position, e.index): e.sha256 for e in self.exit_manifest.exits}
+                )
         self.executor = EarlyExitExecutor(backbone, exits, bank.macs, device=settings.device, backend=backend)
         missing = self.unexported_exits(bank)
         if missing:
-            raise ValueError(f"the bank uses exits {missing} that have no ONNX graph; rerun `dyce-offline export-onnx`")
+            raise StartupError(
+                f"the bank uses exits {missing} that have no ONNX graph", "rerun `dyce-offline export-onnx`"
+            )
         self.initial_bank = bank
-        self.decoder = ImageDecoder(self.manifest.preprocess, settings.max_image_pixels)
+        self.decoder = ImageDecoder(
+            self.manifest.preprocess,
+            settings.max_image_pixels,
+            settings.max_image_side,
+            settings.max_image_aspect_ratio,
+        )
         self.input_shape = tuple(backbone.input_spec.shape)
         if tuple(self.decoder.shape) != self.input_shape:
-            raise ValueError(f"preprocessing yields {self.decoder.shape}, the backbone takes {self.input_shape}")
+            raise StartupError(
+                f"preprocessing in {layout.backbone_manifest.name} yields {self.decoder.shape}, the backbone takes "
+                f"{self.input_shape}",
+                rebuild,
+            )
 
     def unexported_exits(self, bank: Bank) -> list[tuple[int, int]]:
         """Exits the bank enables that the ONNX backend cannot run (always none with torch)."""
@@ -212,16 +253,33 @@ class ModelRuntime:
         return self.executor.run(images, config=config)
 
     def load_bank(self, path: str | None) -> Bank:
-        """Validate a bank file against the loaded artefacts; only files in the artefact dir."""
+        """Validate a bank file against the weights in memory; only files in the artefact dir.
+
+        The check uses the identities of the weights loaded at start-up, not the manifests on
+        disk: exits rebuilt in place after start-up must not make their bank look valid here.
+        """
         root = self.layout.root.resolve()
-        target = (root / path).resolve() if path else self.layout.bank.resolve()
-        if not target.is_relative_to(root):
+        try:
+            target = (root / path).resolve() if path else self.layout.bank.resolve()
+            inside = target.is_relative_to(root)
+            found = inside and target.is_file()
+        except (OSError, ValueError) as err:  # NUL bytes, names past the file system's limit
+            raise BadRequest(f"bank path is not a usable file name: {type(err).__name__}") from None
+        if not inside:
             raise BadRequest(f"bank path must lie inside the artefact directory {root}")
-        if not target.is_file():
+        if not found:
             raise NotFound(f"no bank file {Path(path or self.layout.bank.name)} in the artefact directory")
         try:
-            bank = load_bank_for(self.layout, target)
-        except ValueError as err:  # pydantic ValidationError and BankMismatchError are ValueErrors
+            bank = Bank.load(target)
+        except ValidationError as err:
+            # Locations and messages only: the file's content is never echoed back.
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in err.errors()[:5])
+            raise Unprocessable(f"bank {target.name} rejected, the previous one keeps serving: {problems}") from None
+        except (OSError, UnicodeDecodeError):
+            raise Unprocessable(f"bank {target.name} rejected, the previous one keeps serving: unreadable") from None
+        try:
+            bank.check_matches(self.manifest.identity, self.exit_manifest.identities())
+        except BankMismatchError as err:
             raise Unprocessable(f"bank {target.name} rejected, the previous one keeps serving: {err}") from None
         if bank.macs != self.executor.macs:
             raise Unprocessable(f"bank {target.name} rejected: its MAC table differs from the loaded model's")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from .batcher import JobResult
 from .runtime import ActiveTier, Tier
@@ -129,12 +132,24 @@ class ActiveInfo(BaseModel):
 class SwitchRequest(BaseModel):
     """Exactly one selector: a lambda, a bank index, a MAC budget or an accuracy floor."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # What the documented schema says, the handler checks: one selector, a JSON number.
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, json_schema_extra={"minProperties": 1, "maxProperties": 1}
+    )
 
-    lam: float | None = Field(None, alias="lambda", ge=0, le=1)
-    index: int | None = Field(None, ge=0)
-    max_relative_macs: float | None = Field(None, gt=0)
-    min_accuracy: float | None = Field(None, ge=0, le=1)
+    lam: Annotated[float, Field(ge=0, le=1)] | SkipJsonSchema[None] = Field(None, alias="lambda")
+    index: Annotated[int, Field(ge=0)] | SkipJsonSchema[None] = None
+    max_relative_macs: Annotated[float, Field(gt=0)] | SkipJsonSchema[None] = None
+    min_accuracy: Annotated[float, Field(ge=0, le=1)] | SkipJsonSchema[None] = None
+
+    @field_validator("lam", "index", "max_relative_macs", "min_accuracy", mode="before")
+    @classmethod
+    def _a_number(cls, value: object) -> object:
+        # Only an explicit null gets here (defaults are not validated); pydantic alone would take
+        # null as "not given", and "0.5" or true as numbers.
+        if value is None or isinstance(value, str | bool):
+            raise ValueError("a selector is a JSON number; leave the others out")
+        return value
 
 
 class ModeRequest(BaseModel):
@@ -146,4 +161,10 @@ class ModeRequest(BaseModel):
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str | None = Field(None, description="bank file inside the artefact directory; default bank.json")
+    path: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        pattern=r"^[^\x00]+$",
+        description="bank file inside the artefact directory; default bank.json",
+    )

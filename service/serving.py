@@ -8,8 +8,12 @@ fails start-up with a clear error) then ``warm_up`` (executor, calibration) afte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +22,7 @@ from starlette.requests import Request
 from dyce.pipeline import EarlyExitPipeline
 
 from .autoswitch import Autoswitcher, CostModel
-from .batcher import BatchReport, DynamicBatcher, JobResult
+from .batcher import BatchReport, DynamicBatcher, JobResult, Reservation
 from .decode import pixels
 from .errors import BadRequest, ClientGone, NotReady, Timeout
 from .metrics import Metrics
@@ -33,6 +37,16 @@ INLINE_DECODE_PIXELS = 64 * 64
 
 
 @dataclass(frozen=True)
+class Admission:
+    """A request let in: the tier it will run under and the queue room held for its images."""
+
+    tier: Tier
+    requested: bool  # the client chose the tier
+    overrides_active: bool
+    reservation: Reservation
+
+
+@dataclass(frozen=True)
 class Served:
     """A request's answer from the model, with the tier it ran under and where time went."""
 
@@ -42,19 +56,23 @@ class Served:
 
 
 class Service:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, runtime: ModelRuntime | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.ready = False
         self.metrics.model_ready.set_function(lambda: float(self.ready))
-        self.runtime: ModelRuntime | None = None
+        self.runtime: ModelRuntime | None = runtime  # loaded already by dyce-serve, or in ``load``
+        self.fatal: str | None = None  # why the service can no longer serve (liveness fails)
+        self.on_fatal: list[Callable[[str], None]] = []
         self.state: TierState | None = None
         self.batcher: DynamicBatcher | None = None
         self.autoswitcher: Autoswitcher | None = None
+        self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="dyce-decode")
 
     # Life cycle ---------------------------------------------------------------------------
     async def load(self) -> None:
-        self.runtime = await asyncio.to_thread(ModelRuntime, self.settings)
+        if self.runtime is None:
+            self.runtime = await asyncio.to_thread(ModelRuntime, self.settings)
         self.metrics.model_loaded(self.runtime.num_positions)
         self.state = TierState(self.runtime.initial_bank, self.settings.autoswitch, [self._tier_changed])
         self.batcher = DynamicBatcher(
@@ -63,7 +81,10 @@ class Service:
             max_wait_s=self.settings.max_pipeline_wait_ms / 1e3,
             capacity=self.settings.queue_capacity,
             observers=[self.metrics.batch_done, self._count_request_tier],
+            capacity_images=self.settings.queue_capacity_images,
+            capacity_bytes=self.settings.queue_capacity_bytes,
         )
+        self._image_bytes = 4 * math.prod(self.runtime.input_shape)  # one decoded float32 image
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
 
     async def warm_up(self) -> None:
@@ -78,10 +99,23 @@ class Service:
             self.settings, state, costs, lambda: self.batcher.queued_images, [self._count_decision]
         )
         self.batcher.observers.append(self.autoswitcher.batch_done)
-        self.batcher.start()
+        self.batcher.start(on_death=lambda: self.fail("the inference worker (batcher) stopped"))
         self.autoswitcher.start()
         self.ready = True
         log.info("ready: warmed up and calibrated %d tiers in %.1f s", len(frontier), time.perf_counter() - started)
+
+    @property
+    def live(self) -> bool:
+        return self.fatal is None
+
+    def fail(self, reason: str) -> None:
+        """The service cannot serve any more: not ready, not live, and whoever runs it is told."""
+        if self.fatal is not None:
+            return
+        self.fatal, self.ready = reason, False
+        log.critical("%s; the server can no longer serve", reason)
+        for listener in self.on_fatal:
+            listener(reason)
 
     async def stop(self) -> None:
         self.ready = False
@@ -89,6 +123,7 @@ class Service:
             await self.autoswitcher.stop()
         if self.batcher is not None:
             await self.batcher.stop()
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
     def _loaded(self) -> tuple[ModelRuntime, TierState]:
         if self.runtime is None or self.state is None:
@@ -115,37 +150,48 @@ class Service:
             raise NotReady("the model is loading or warming up; poll /v2/health/ready")
         return self._loaded()
 
-    async def decode(self, blobs: list[bytes]) -> torch.Tensor:
-        """Encoded images -> one batch tensor; pixel work off the event loop unless tiny."""
-        runtime, _ = self.require_ready()
-        if not blobs:
+    @contextlib.contextmanager
+    def admit(
+        self, images: int, encoded_bytes: int, lam: float | None = None, max_relative_macs: float | None = None
+    ) -> Iterator[Admission]:
+        """Let a request in, or refuse it (429), before any of its images is decoded.
+
+        Every request is admitted the same way, whichever tier it runs under and whatever the
+        mode: its images must fit the latency objective at that tier's cost, and the queue's
+        room in requests, images and bytes (encoded + decoded) is held for it while it decodes.
+        The room is given back when the request leaves (``classify`` hands it to the queue).
+        """
+        _, state = self.require_ready()
+        if images < 1:
             raise BadRequest("no image in the request")
-        if len(blobs) > self.settings.max_batch_size:
-            raise BadRequest(f"{len(blobs)} images in one request; at most {self.settings.max_batch_size}")
+        if images > self.settings.max_batch_size:
+            raise BadRequest(f"{images} images in one request; at most {self.settings.max_batch_size}")
+        requested = state.resolve(lam, max_relative_macs)
+        active = state.active.tier
+        tier: Tier = requested or active
+        self.autoswitcher.arrived(images)
+        self.autoswitcher.admit(images, tier)
+        reservation = self.batcher.reserve(images, encoded_bytes + images * self._image_bytes)
+        try:
+            yield Admission(tier, requested is not None, tier.config != active.config, reservation)
+        finally:
+            self.batcher.release(reservation)
+
+    async def decode(self, blobs: list[bytes]) -> torch.Tensor:
+        """Encoded images -> one batch tensor; pixel work off the event loop unless tiny, in a
+        pool of ``decode_threads`` so concurrent large decodes have bounded memory."""
+        runtime, _ = self.require_ready()
         decoder = runtime.decoder
         images = [decoder.open(blob) for blob in blobs]  # headers only: checks limits, cheap
         if sum(pixels(image) for image in images) <= INLINE_DECODE_PIXELS:
             return torch.stack([decoder.tensor(image) for image in images])
-        return torch.stack(await asyncio.to_thread(lambda: [decoder.tensor(image) for image in images]))
+        loop = asyncio.get_running_loop()
+        return torch.stack(await loop.run_in_executor(self._decode_pool, lambda: [decoder.tensor(i) for i in images]))
 
-    async def classify(
-        self,
-        request: Request,
-        images: torch.Tensor,
-        lam: float | None = None,
-        max_relative_macs: float | None = None,
-        arrived: float | None = None,
-    ) -> Served:
-        """Queue ``images`` under one tier and wait for the answer, the deadline or a disconnect."""
-        _, state = self.require_ready()
-        arrived = arrived if arrived is not None else time.perf_counter()
-        requested = state.resolve(lam, max_relative_macs)
-        active = state.active.tier
-        tier: Tier = requested or active
-        self.autoswitcher.arrived(images.shape[0])
-        if requested is None:
-            self.autoswitcher.admit(images.shape[0])
-        job = self.batcher.submit(images, tier, overrides_active=tier.config != active.config)
+    async def classify(self, request: Request, images: torch.Tensor, admission: Admission, arrived: float) -> Served:
+        """Queue ``images`` under the admitted tier and wait for the answer, the deadline or a disconnect."""
+        tier, requested = admission.tier, admission.requested
+        job = self.batcher.submit(images, tier, admission.overrides_active, admission.reservation)
         remaining = self.settings.request_timeout_s - (time.perf_counter() - arrived)
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -153,7 +199,7 @@ class Service:
         finally:
             gone.cancel()
         if job.future in done:
-            return Served(job.future.result(), requested is not None, time.perf_counter() - arrived)
+            return Served(job.future.result(), requested, time.perf_counter() - arrived)
         job.future.cancel()  # still queued: the batcher skips it; running: its rows are discarded
         if gone in done:
             raise ClientGone("client disconnected before the answer was ready")

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     onnx_dir: Path | None = Field(None, description="exported ONNX graphs; default <artifacts_dir>/onnx")
     torch_threads: int = Field(0, ge=0, description="intra-op threads of the inference worker; 0 = torch's default")
     model_name: str = Field("dyce", pattern=r"^[A-Za-z0-9_.-]+$")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="debug also logs the traceback behind a start-up failure"
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
@@ -36,11 +39,39 @@ class Settings(BaseSettings):
         10.0, ge=0, description="longest an image waits inside the pipeline for a full batch at its position"
     )
     queue_capacity: int = Field(256, ge=1, description="queued requests beyond which the server answers 429")
+    queue_capacity_images: int = Field(
+        1024, ge=1, description="images queued or being decoded beyond which the server answers 429"
+    )
+    queue_capacity_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="bytes of encoded and decoded images queued or being decoded beyond which the server answers 429",
+    )
+    decode_threads: int = Field(
+        2, ge=1, description="threads that decode large images; bounds the memory of concurrent decodes"
+    )
     request_timeout_s: float = Field(10.0, gt=0, description="arrival to answer; past it the server answers 504")
+
+    # The HTTP edge (service/edge.py): limits that act before a handler runs.
+    max_in_flight_requests: int = Field(
+        256, ge=1, description="requests inside the server at once; more are answered 503 at once, body unread"
+    )
+    max_connections: int = Field(2048, ge=1, description="open connections; uvicorn's last-resort backstop")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")
+    body_read_timeout_s: float = Field(
+        10.0, gt=0, description="longest wait for the next chunk of a request body; then 408 and the connection closes"
+    )
+    max_header_count: int = Field(100, ge=8)
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    max_url_bytes: int = Field(8 * 1024, ge=256)
 
     # Input limits.
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="decoded width x height; larger = decompression bomb")
+    max_image_side: int = Field(8192, ge=1, description="longest side of an image, in pixels")
+    max_image_aspect_ratio: float = Field(
+        16.0, ge=1, description="longer side / shorter side; bounds the memory of the resize before the crop"
+    )
 
     # Admin.
     admin_token: SecretStr = SecretStr("")

@@ -100,8 +100,8 @@ def fp32_tensor(tensor: TensorSpec, raw: bytes | None, expected: tuple[int, ...]
             raise BadRequest(f"input {tensor.name} has neither data nor binary_data_size")
         try:
             array = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
-        except (ValueError, TypeError):
-            raise BadRequest(f"input {tensor.name}: data must be numbers") from None
+        except (ValueError, TypeError, OverflowError):  # OverflowError: JSON integers past float range
+            raise BadRequest(f"input {tensor.name}: data must be numbers within the FP32 range") from None
         if array.size != count:
             raise BadRequest(f"input {tensor.name}: {array.size} values for shape {list(shape)}")
     if not np.isfinite(array).all():

@@ -181,12 +181,14 @@ class LiveServer:
 
     def __init__(self, settings) -> None:
         from service import create_app
+        from service.edge import uvicorn_config
 
         self.settings = settings
         self.app = create_app(settings)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
+        # The edge (protocol limits, JSON errors) as dyce-serve configures it, on a free port.
+        config = uvicorn_config(self.app, settings, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
 

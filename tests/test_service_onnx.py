@@ -9,7 +9,7 @@ import pytest
 
 from dyce.artifacts import ArtifactLayout, load_backbone, load_bank_for, load_exits
 from offline.export_onnx import export_onnx
-from service.runtime import ModelRuntime
+from service.runtime import ModelRuntime, StartupError
 from tests.conftest import LiveServer, service_settings
 
 
@@ -62,5 +62,5 @@ def test_onnx_backend_refuses_a_bank_whose_exits_were_not_exported(onnx_artifact
     exits, _ = load_exits(layout)
     used = sorted(load_bank_for(layout).used_exits())
     export_onnx(backbone, exits, used[1:], root / "onnx")
-    with pytest.raises(ValueError, match="no ONNX graph"):
+    with pytest.raises(StartupError, match="no ONNX graph"):
         ModelRuntime(service_settings(root, backend="onnxruntime"))

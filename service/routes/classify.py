@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from ..decode import check_media_type
 from ..deps import ServiceDep
-from ..errors import BadRequest
+from ..errors import BadRequest, ServiceError
 from ..schemas import BatchClassification, Classification, ImageResult, TierInfo, Timings, image_results
 from ..serving import Served
 
@@ -25,14 +25,21 @@ MacBudget = Annotated[
 
 IMAGE_BODY = {
     "requestBody": {
+        "required": True,
         "content": {
             "image/png": {"schema": {"type": "string", "format": "binary"}},
             "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
             "image/webp": {"schema": {"type": "string", "format": "binary"}},
             "multipart/form-data": {
-                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "additionalProperties": False,
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                },
+                "encoding": {"file": {"contentType": "image/png, image/jpeg, image/webp"}},
             },
-        }
+        },
     }
 }
 
@@ -43,6 +50,8 @@ async def _read_images(request: Request, max_files: int) -> list[bytes]:
     if content_type.startswith("multipart/form-data"):
         try:
             form = await request.form(max_files=max_files, max_fields=max_files)
+        except (ServiceError, ClientDisconnect):  # the body's own limits and a client gone: not malformed
+            raise
         except Exception as err:  # python-multipart raises several types for malformed bodies
             raise BadRequest(f"malformed multipart body: {err}") from None
         parts = [p for key in ("file", "files") for p in form.getlist(key) if isinstance(p, UploadFile)]
@@ -69,10 +78,11 @@ async def _serve(
     request: Request, response: Response, service: ServiceDep, query: ClassifyQuery, max_files: int
 ) -> tuple[Served, list[ImageResult], dict[str, Any]]:
     """Read, decode, queue and wait; returns the answer, per-image results and the shared fields."""
-    arrived = time.perf_counter()
+    arrived = request.state.arrived  # set by the edge middleware, before the body was read
     blobs = await _read_images(request, max_files=max_files)
-    images = await service.decode(blobs)
-    served = await service.classify(request, images, query.lam, query.max_relative_macs, arrived)
+    with service.admit(len(blobs), sum(map(len, blobs)), query.lam, query.max_relative_macs) as admission:
+        images = await service.decode(blobs)
+        served = await service.classify(request, images, admission, arrived)
     result = served.result
     timings = Timings(
         queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3, total_ms=served.total_s * 1e3

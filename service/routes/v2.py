@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -41,7 +42,9 @@ def _tensor_specs(service: Service) -> tuple[list[dict[str, Any]], list[dict[str
     classes = len(runtime.labels)
     inputs = [
         {"name": INPUT_TENSOR, "datatype": "FP32", "shape": [-1, *runtime.input_shape]},
-        {"name": IMAGE_TENSOR, "datatype": "BYTES", "shape": [-1]},
+        # [batch, 1], Triton's shape for one string per image: perf_analyzer sizes its requests
+        # from this with the batch dimension removed, and [] leaves it nothing to send.
+        {"name": IMAGE_TENSOR, "datatype": "BYTES", "shape": [-1, 1]},
     ]
     outputs = [
         {"name": name, "datatype": dtype, "shape": [-1, *(classes if d == -1 else d for d in dims)]}
@@ -56,8 +59,13 @@ async def server_metadata() -> dict[str, Any]:
 
 
 @router.get("/health/live")
-async def live() -> dict[str, bool]:
-    return {"live": True}
+async def live(service: ServiceDep) -> JSONResponse:
+    """False (503) once the service cannot serve any more: a dead inference worker or a failed
+    warm-up. Kubernetes restarts such a replica; ``dyce-serve`` itself exits non-zero."""
+    if service.live:
+        return JSONResponse({"live": True})
+    body = {"live": False, "error": service.fatal, "code": "not_live"}
+    return JSONResponse(body, status_code=503, headers={"x-error-code": "not_live"})
 
 
 def _readiness(service: Service) -> dict[str, str]:
@@ -93,18 +101,23 @@ async def model_ready(service: ServiceDep, name: str, version: str | None = None
 @router.get("/models/{name}/config")
 @router.get("/models/{name}/versions/{version}/config")
 async def model_config(service: ServiceDep, name: str, version: str | None = None) -> dict[str, Any]:
-    """Triton's model configuration: with max_batch_size > 0, dims leave out the batch dimension."""
+    """Triton's model configuration: with max_batch_size > 0, dims leave out the batch dimension.
+    Triton needs at least one dim, so a per-image scalar output (metadata shape [-1]) is dims [1]
+    with ``reshape: {shape: []}``, exactly as Triton itself describes such a tensor."""
     _model(service, name, version)
     inputs, outputs = _tensor_specs(service)
     settings = service.settings
 
     def triton(tensor: dict[str, Any]) -> dict[str, Any]:
-        dims = tensor["shape"][1:] or [1]
-        return {
+        dims = tensor["shape"][1:]
+        described = {
             "name": tensor["name"],
             "data_type": f"TYPE_{'STRING' if tensor['datatype'] == 'BYTES' else tensor['datatype']}",
-            "dims": dims,
+            "dims": dims or [1],
         }
+        if not dims:
+            described["reshape"] = {"shape": []}
+        return described
 
     return {
         "name": name,
@@ -128,7 +141,7 @@ async def model_config(service: ServiceDep, name: str, version: str | None = Non
 async def infer(request: Request, service: ServiceDep, name: str, version: str | None = None) -> Response:
     """Inputs: ``input`` (FP32 preprocessed) or ``image`` (BYTES encoded). Request parameters
     ``lambda`` or ``max_relative_macs`` choose a tier for this request."""
-    arrived = time.perf_counter()
+    arrived = request.state.arrived  # set by the edge middleware, before the body was read
     _model(service, name, version)
     runtime, _ = service.require_ready()
     if request.headers.get("content-encoding", "identity") != "identity":
@@ -137,15 +150,6 @@ async def infer(request: Request, service: ServiceDep, name: str, version: str |
     infer_request, binary = parse_request(body, request.headers.get(HEADER_LENGTH))
     if len(infer_request.inputs) != 1:
         raise BadRequest(f"send exactly one input tensor: {INPUT_TENSOR!r} (FP32) or {IMAGE_TENSOR!r} (BYTES)")
-    tensor = infer_request.inputs[0]
-    if tensor.name == INPUT_TENSOR:
-        images = torch.from_numpy(
-            fp32_tensor(tensor, binary.get(tensor.name), runtime.input_shape, settings.max_batch_size).copy()
-        )
-    elif tensor.name == IMAGE_TENSOR:
-        images = await service.decode(bytes_tensor(tensor, binary.get(tensor.name), settings.max_batch_size))
-    else:
-        raise BadRequest(f"unknown input {tensor.name!r}; inputs are {INPUT_TENSOR!r} and {IMAGE_TENSOR!r}")
     requested = infer_request.outputs or []
     unknown = [o.name for o in requested if o.name not in OUTPUTS]
     if unknown:
@@ -155,8 +159,20 @@ async def infer(request: Request, service: ServiceDep, name: str, version: str |
     binary_names = {o.name for o in requested if o.parameters.get("binary_data", all_binary)}
     if not requested and all_binary:
         binary_names = set(names)
-    lam, budget = (_number_parameter(infer_request.parameters, key) for key in ("lambda", "max_relative_macs"))
-    served = await service.classify(request, images, lam, budget, arrived)
+    lam = _number_parameter(infer_request.parameters, "lambda", low=0.0, high=1.0)
+    budget = _number_parameter(infer_request.parameters, "max_relative_macs", low=0.0, low_inclusive=False)
+    tensor = infer_request.inputs[0]
+    # Everything cheap is checked; only then is the request admitted, and only then decoded.
+    if tensor.name == INPUT_TENSOR:
+        array = fp32_tensor(tensor, binary.get(tensor.name), runtime.input_shape, settings.max_batch_size)
+        with service.admit(array.shape[0], array.nbytes, lam, budget) as admission:
+            served = await service.classify(request, torch.from_numpy(array.copy()), admission, arrived)
+    elif tensor.name == IMAGE_TENSOR:
+        blobs = bytes_tensor(tensor, binary.get(tensor.name), settings.max_batch_size)
+        with service.admit(len(blobs), sum(map(len, blobs)), lam, budget) as admission:
+            served = await service.classify(request, await service.decode(blobs), admission, arrived)
+    else:
+        raise BadRequest(f"unknown input {tensor.name!r}; inputs are {INPUT_TENSOR!r} and {IMAGE_TENSOR!r}")
     result = served.result
 
     top = result.probabilities.argmax(dim=1).tolist()
@@ -188,10 +204,22 @@ async def infer(request: Request, service: ServiceDep, name: str, version: str |
     return Response(content, media_type="application/octet-stream", headers=headers)
 
 
-def _number_parameter(parameters: dict[str, Any], key: str) -> float | None:
+def _number_parameter(
+    parameters: dict[str, Any], key: str, low: float, high: float = math.inf, low_inclusive: bool = True
+) -> float | None:
+    """The same bounds as v1's query parameters (``lambda`` in [0, 1], ``max_relative_macs`` > 0)."""
     value = parameters.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequest(f"parameter {key} must be a number")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past the float range
+        number = math.inf
+    above_low = number >= low if low_inclusive else number > low
+    if not (math.isfinite(number) and above_low and number <= high):
+        bounds = f"{'[' if low_inclusive else '('}{low:g}, {high:g}]"
+        # The value is not echoed: a huge JSON integer cannot even be printed.
+        raise BadRequest(f"parameter {key} must be a finite number in {bounds}")
+    return number
