@@ -167,7 +167,10 @@ class OnnxRuntimeBackend:
         binding.bind_output(session.get_outputs()[0].name, "cuda", x.device.index or 0)
         session.run_with_iobinding(binding)
         output = binding.get_outputs()[0]
-        # dlpack hands the GPU buffer to torch without a copy.
+        # dlpack hands the GPU buffer to torch without a copy. OrtValue speaks the __dlpack__
+        # protocol in current onnxruntime-gpu (1.31 has no to_dlpack any more); older ones only to_dlpack.
+        if hasattr(output, "__dlpack__"):
+            return torch.from_dlpack(output)
         return torch.utils.dlpack.from_dlpack(output.to_dlpack())
 
     def segment(self, position: int, x: torch.Tensor) -> torch.Tensor:
