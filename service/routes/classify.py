@@ -27,15 +27,15 @@ IMAGE_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-            "image/webp": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary", "minLength": 1}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary", "minLength": 1}},
+            "image/webp": {"schema": {"type": "string", "format": "binary", "minLength": 1}},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
                     "additionalProperties": False,
-                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "properties": {"file": {"type": "string", "format": "binary", "minLength": 1}},
                 },
                 "encoding": {"file": {"contentType": "image/png, image/jpeg, image/webp"}},
             },
