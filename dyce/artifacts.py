@@ -6,6 +6,7 @@ service (reader). Weights are safetensors; identities are JSON validated by pyda
     <root>/exits.json           ExitManifest (every candidate exit's spec and hash)
     <root>/exits.safetensors    all candidate exits' weights, keys "<position>.<index>.<param>"
     <root>/bank.json            Bank (configurations)
+    <root>/profile.json         LatencyProfile (optional: measured time of every part)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class ArtifactLayout:
     exits_manifest = property(lambda self: self.root / "exits.json")
     exits_weights = property(lambda self: self.root / "exits.safetensors")
     bank = property(lambda self: self.root / "bank.json")
+    profile = property(lambda self: self.root / "profile.json")  # LatencyProfile, optional
 
 
 class BackboneManifest(BaseModel):

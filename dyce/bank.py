@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .config import ExitConfiguration
 from .macs import MacTable
+from .profile import Where
 
 SCHEMA_VERSION = 1
 
@@ -45,6 +46,27 @@ class SplitMetrics(BaseModel):
     relative_accuracy: float = Field(ge=0, description="A of eq. 10: accuracy / original accuracy")
     relative_macs: float = Field(ge=0, description="C of eq. 11")
     exit_rates: tuple[float, ...]
+    relative_latency: float | None = Field(
+        None, ge=0, description="C of eq. 11 on measured time instead of MACs (banks searched with --cost latency)"
+    )
+
+    @property
+    def relative_cost(self) -> float:
+        """What the search traded accuracy against: measured time when it was costed on it."""
+        return self.relative_latency if self.relative_latency is not None else self.relative_macs
+
+
+class CostBasis(BaseModel):
+    """What a bank's search traded accuracy against: MACs (the paper), or time measured on one
+    device and backend (``dyce-offline profile``), which is only exact where it was measured."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["macs", "latency"] = "macs"
+    where: Where | None = None
+    batch: int | None = Field(None, description="the batch bucket whose per-image times were used")
+    profile_sha256: str | None = None
+    table: MacTable | None = Field(None, description="ns per image of every part, as the search used them")
 
 
 class BankEntry(BaseModel):
@@ -72,6 +94,7 @@ class Bank(BaseModel):
     macs: MacTable
     original_accuracy: dict[str, float] = Field(description="plain backbone accuracy per split")
     entries: tuple[BankEntry, ...] = Field(min_length=1)
+    cost: CostBasis = CostBasis()
 
     @model_validator(mode="after")
     def _consistent(self) -> Bank:
@@ -124,13 +147,13 @@ class Bank(BaseModel):
         """Indices of non-dominated entries, cheapest first."""
         return sorted(
             (i for i, e in enumerate(self.entries) if not e.dominated),
-            key=lambda i: self.entries[i].search.relative_macs,
+            key=lambda i: self.entries[i].search.relative_cost,
         )
 
     def most_accurate(self) -> int:
         return max(
             range(len(self.entries)),
-            key=lambda i: (self.entries[i].search.accuracy, -self.entries[i].search.relative_macs),
+            key=lambda i: (self.entries[i].search.accuracy, -self.entries[i].search.relative_cost),
         )
 
     def nearest_lambda(self, lam: float) -> int:

@@ -16,13 +16,16 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .execution_backends import ExecutionBackend
-from .exits import ExitSet
 from .macs import MacTable
+
+if TYPE_CHECKING:  # the bank imports this module, and the backends import the bank
+    from .execution_backends import ExecutionBackend
+    from .exits import ExitSet
 
 
 def host_name(device: str | torch.device) -> str:

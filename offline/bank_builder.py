@@ -16,9 +16,11 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel
 
-from dyce.bank import Bank, BankEntry, SplitMetrics
+from dyce.bank import Bank, BankEntry, CostBasis, SplitMetrics
 from dyce.config import ExitConfiguration
+from dyce.hashing import file_sha256
 from dyce.macs import MacTable
+from dyce.profile import LatencyProfile
 from dyce.simulate import ExitRecords, simulate
 
 from .layout import OfflineLayout
@@ -39,18 +41,23 @@ class SearchRun(BaseModel):
     seconds: float
 
 
-def metrics(records: ExitRecords, config: ExitConfiguration, macs: MacTable) -> SplitMetrics:
+def metrics(
+    records: ExitRecords, config: ExitConfiguration, macs: MacTable, time_table: MacTable | None = None
+) -> SplitMetrics:
+    """Simulated figures; with a measured-time table, the relative time as well as the MACs."""
     result = simulate(records, config, macs)
     return SplitMetrics(
         accuracy=result.accuracy,
         relative_accuracy=result.relative_accuracy,
         relative_macs=result.relative_macs,
         exit_rates=tuple(float(r) for r in result.exit_rates),
+        relative_latency=None if time_table is None else simulate(records, config, time_table).relative_macs,
     )
 
 
 def mark_dominated(entries: list[BankEntry]) -> list[BankEntry]:
-    points = np.array([(e.search.accuracy, e.search.relative_macs) for e in entries])
+    """On the cost the search traded against (MACs, or measured time for a latency bank)."""
+    points = np.array([(e.search.accuracy, e.search.relative_cost) for e in entries])
     marked = []
     for i, entry in enumerate(entries):
         acc, macs = points[i]
@@ -75,15 +82,36 @@ def run_algorithm(problem: SearchProblem, algorithm: Algorithm, grid: str, progr
     return adaptive_grid(run, measure=measure) if grid == "adaptive" else run(list(UNIFORM_GRID))
 
 
+def latency_basis(layout: OfflineLayout, backbone_sha256: str, batch: int) -> CostBasis:
+    """The measured-time cost table of ``<artifacts>/profile.json`` at the serving batch."""
+    if not layout.profile.is_file():
+        raise FileNotFoundError(f"{layout.profile} is missing: run `dyce-offline profile` first")
+    profile = LatencyProfile.model_validate_json(layout.profile.read_text())
+    if profile.backbone_sha256 != backbone_sha256:
+        raise ValueError(f"{layout.profile} was measured on other backbone weights: run `dyce-offline profile` again")
+    return CostBasis(
+        kind="latency",
+        where=profile.where,
+        batch=profile.buckets[profile.bucket_index(batch)],
+        profile_sha256=file_sha256(layout.profile),
+        table=profile.cost_table(batch),
+    )
+
+
 def build_bank(
     layout: OfflineLayout,
     algorithms: tuple[Algorithm, ...] = ALGORITHMS,
     grid: Literal["adaptive", "uniform"] = "adaptive",
     progress: bool = True,
+    cost: Literal["macs", "latency"] = "macs",
+    batch: int = 32,
 ) -> tuple[Bank, list[SearchRun]]:
-    inputs = current_inputs(layout, ("records",))
+    """``cost="latency"``: search on the measured time of ``profile.json`` at ``batch`` images per
+    step (the server's full batches) instead of MACs; entries keep their relative MACs too."""
+    inputs = current_inputs(layout, ("records", "profile") if cost == "latency" else ("records",))
     manifest, records = load_records(layout)
-    problem = SearchProblem(records["search"], manifest.macs)
+    basis = latency_basis(layout, manifest.backbone.weights_sha256, batch) if cost == "latency" else CostBasis()
+    problem = SearchProblem(records["search"], basis.table or manifest.macs)
     entries, runs = [], []
     for algorithm in algorithms:
         start = time.perf_counter()
@@ -103,8 +131,8 @@ def build_bank(
                     lam=lam,
                     algorithm=algorithm,
                     config=config,
-                    search=metrics(records["search"], config, manifest.macs),
-                    test=metrics(records["test"], config, manifest.macs) if "test" in records else None,
+                    search=metrics(records["search"], config, manifest.macs, basis.table),
+                    test=metrics(records["test"], config, manifest.macs, basis.table) if "test" in records else None,
                 )
             )
     bank = Bank(
@@ -114,12 +142,15 @@ def build_bank(
         macs=manifest.macs,
         original_accuracy={split: r.original_accuracy for split, r in records.items()},
         entries=tuple(mark_dominated(entries)),
+        cost=basis,
     )
     bank.save(layout.bank)
     layout.search_runs.write_text("[\n" + ",\n".join(run.model_dump_json() for run in runs) + "\n]\n")
-    write_step_manifest(layout, "search", "search", search_recipe(algorithms, grid), inputs)
+    write_step_manifest(layout, "search", "search", search_recipe(algorithms, grid, cost, batch), inputs)
     return bank, runs
 
 
-def search_recipe(algorithms: tuple[str, ...], grid: str) -> dict:
-    return {"algorithms": list(algorithms), "grid": grid}
+def search_recipe(algorithms: tuple[str, ...], grid: str, cost: str = "macs", batch: int = 32) -> dict:
+    recipe = {"algorithms": list(algorithms), "grid": grid}
+    # A MAC search's recipe stays what it was, so banks built before the latency option are not stale.
+    return recipe if cost == "macs" else recipe | {"cost": cost, "batch": batch}

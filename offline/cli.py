@@ -139,6 +139,10 @@ def search(
     grid: Annotated[str, typer.Option(help="adaptive (refined, >= 50 distinct) | uniform (0..1 step 0.01)")] = (
         "adaptive"
     ),
+    cost: Annotated[
+        str, typer.Option(help="macs (the paper) | latency (measured time of `dyce-offline profile`)")
+    ] = "macs",
+    batch: Annotated[int, typer.Option(min=1, help="with --cost latency: images per step the server runs")] = 32,
 ) -> None:
     """Search configurations over the lambda grid and write the bank."""
     from .bank_builder import build_bank
@@ -146,9 +150,34 @@ def search(
     chosen = tuple(a.strip() for a in algorithms.split(",") if a.strip())
     if grid not in ("adaptive", "uniform") or not set(chosen) <= {"iterative", "single_pass", "baseline"}:
         raise typer.BadParameter("unknown grid or algorithm")
+    if cost not in ("macs", "latency"):
+        raise typer.BadParameter("cost is macs or latency")
     grid_kind: Literal["adaptive", "uniform"] = grid  # type: ignore[assignment]
-    _, runs = build_bank(ctx.obj, chosen, grid_kind)  # type: ignore[arg-type]
+    _, runs = build_bank(ctx.obj, chosen, grid_kind, cost=cost, batch=batch)  # type: ignore[arg-type]
     typer.echo(json.dumps([r.model_dump() for r in runs], indent=1))
+
+
+@app.command("profile")
+def profile_command(
+    ctx: typer.Context,
+    device: Device = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="largest batch bucket (the server's DYCE_MAX_BATCH_SIZE)")] = 32,
+    repeats: Annotated[int, typer.Option(min=1, help="timed runs per part and bucket (median kept)")] = 5,
+    threads: Annotated[int | None, typer.Option(help="intra-op threads, as DYCE_TORCH_THREADS will be")] = None,
+) -> None:
+    """Time every segment, exit and the head per batch bucket on this device (for --cost latency)."""
+    from .profile import profile
+
+    result = profile(ctx.obj, device=device, max_batch=max_batch, repeats=repeats, threads=threads)
+    typer.echo(
+        json.dumps(
+            {
+                "profile": str(ctx.obj.profile),
+                "where": result.where.model_dump(),
+                "plain_ms_per_image": {b: round(result.per_image_s(b) * 1e3, 4) for b in result.buckets},
+            }
+        )
+    )
 
 
 @app.command()

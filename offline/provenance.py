@@ -85,6 +85,7 @@ FINGERPRINTS: dict[str, tuple[Callable[[OfflineLayout], str], Callable[[OfflineL
         lambda lay: [lay.records_manifest, lay.records],
     ),
     "bank": (lambda lay: file_sha256(lay.bank), lambda lay: [lay.bank]),
+    "profile": (lambda lay: file_sha256(lay.profile), lambda lay: [lay.profile]),
 }
 
 

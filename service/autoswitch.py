@@ -87,12 +87,12 @@ class CostModel:
 
         per_image_plain = timed(many) / many.shape[0]
         overhead = max(timed(one) - per_image_plain, 0.0)
-        per_image = {tier.config: per_image_plain * tier.expected_relative_macs for tier in tiers}
+        per_image = {tier.config: per_image_plain * tier.expected_relative_cost for tier in tiers}
         log.info("calibrated the plain model: %.3f ms/image, overhead %.3f ms", per_image_plain * 1e3, overhead * 1e3)
         for tier in tiers:
             log.info(
-                "tier %d (lambda %.4g, %.3f relative MACs): prior capacity %.0f images/s",
-                tier.index, tier.lam, tier.expected_relative_macs,
+                "tier %d (lambda %.4g, %.3f relative cost): prior capacity %.0f images/s",
+                tier.index, tier.lam, tier.expected_relative_cost,
                 batch / (overhead + batch * per_image[tier.config]),
             )  # fmt: skip
         return cls(overhead, per_image)

@@ -24,6 +24,7 @@ from dyce.bank import Bank, BankEntry, BankMismatchError
 from dyce.config import ExitConfiguration
 from dyce.execution_backends import OnnxRuntimeBackend
 from dyce.executor import EarlyExitExecutor, ExecutionResult
+from dyce.profile import Where, host_name
 
 from .decode import ImageDecoder
 from .errors import BadRequest, NotFound, Unprocessable
@@ -61,6 +62,11 @@ class Tier:
     @property
     def expected_relative_macs(self) -> float:
         return self.entry.search.relative_macs
+
+    @property
+    def expected_relative_cost(self) -> float:
+        """What the bank's search traded against: measured time for a latency bank, else MACs."""
+        return self.entry.search.relative_cost
 
     @property
     def expected_accuracy(self) -> float:
@@ -219,6 +225,13 @@ class ModelRuntime:
             raise StartupError(
                 f"the bank uses exits {missing} that have no ONNX graph", "rerun `dyce-offline export-onnx`"
             )
+        self.where = Where(
+            device_type=torch.device(settings.device).type,
+            backend=settings.backend,
+            host=host_name(settings.device),
+            threads=torch.get_num_threads(),
+        )
+        self.warn_if_costed_elsewhere(bank)
         self.initial_bank = bank
         self.decoder = ImageDecoder(
             self.manifest.preprocess,
@@ -232,6 +245,21 @@ class ModelRuntime:
                 f"preprocessing in {layout.backbone_manifest.name} yields {self.decoder.shape}, the backbone takes "
                 f"{self.input_shape}",
                 rebuild,
+            )
+
+    def costed_elsewhere(self, bank: Bank) -> list[str]:
+        """How the set-up a latency bank was profiled on differs from this one (empty: the same,
+        or a MAC bank, which is exact anywhere)."""
+        if bank.cost.kind != "latency" or bank.cost.where is None:
+            return []
+        return bank.cost.where.differences(self.where)
+
+    def warn_if_costed_elsewhere(self, bank: Bank) -> None:
+        if differences := self.costed_elsewhere(bank):
+            log.warning(
+                "the bank's tiers were costed on measured time of another set-up (%s): their expected "
+                "latencies are not this server's; run `dyce-offline profile` and `search --cost latency` here",
+                "; ".join(differences),
             )
 
     def unexported_exits(self, bank: Bank) -> list[tuple[int, int]]:
@@ -285,6 +313,7 @@ class ModelRuntime:
             raise Unprocessable(f"bank {target.name} rejected: its MAC table differs from the loaded model's")
         if missing := self.unexported_exits(bank):
             raise Unprocessable(f"bank {target.name} rejected: exits {missing} have no ONNX graph in this deployment")
+        self.warn_if_costed_elsewhere(bank)
         return bank
 
     def warm_up(self, bank: Bank) -> None:

@@ -96,6 +96,18 @@ class BankEntryInfo(TierInfo):
     thresholds: tuple[float, ...]
     test_accuracy: float | None
     test_relative_macs: float | None
+    expected_relative_latency: float | None = Field(None, description="latency banks: relative measured time")
+
+
+class CostInfo(BaseModel):
+    """What the bank's search traded accuracy against, and whether that holds on this server."""
+
+    kind: str = Field(description="macs (exact anywhere) or latency (measured where `where` says)")
+    where: dict[str, str | int] | None = None
+    batch: int | None = None
+    profiled_elsewhere: list[str] = Field(
+        default_factory=list, description="how the profiled set-up differs from this server's"
+    )
 
 
 class BankInfo(BaseModel):
@@ -104,6 +116,7 @@ class BankInfo(BaseModel):
     backbone: str
     num_positions: int
     original_accuracy: dict[str, float]
+    cost: CostInfo
     entries: list[BankEntryInfo]
 
 

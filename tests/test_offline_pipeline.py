@@ -231,3 +231,40 @@ def test_exit_training_leaves_the_backbone_untouched(built, tmp_path):
 
     report = train_exits(layout, recipe)
     assert report.backbone_sha256 == before == state_dict_sha256(load_backbone(layout)[0].model)
+
+
+def test_latency_costed_search_uses_the_measured_profile(built, tmp_path):
+    """`profile` then `search --cost latency`: the bank's trade-off is on measured time, each
+    entry's relative time is its samples' path times (hand computation from the profile's table),
+    and a later build keeps the user's bank."""
+    from dyce.profile import LatencyProfile
+
+    layout = _copy(built, tmp_path)
+    root = str(layout.root)
+    profiled = CliRunner().invoke(app, ["--artifacts", root, "profile", "--device", "cpu", "--max-batch", "4"])
+    assert profiled.exit_code == 0, profiled.output
+    profile = LatencyProfile.model_validate_json(layout.profile.read_text())
+    assert profile.buckets == (1, 2, 4) and profile.where.device_type == "cpu"
+    searched = CliRunner().invoke(
+        app, ["--artifacts", root, "search", "--cost", "latency", "--batch", "4", "--algorithms", "single_pass"]
+    )
+    assert searched.exit_code == 0, searched.output
+    bank = load_bank_for(layout)
+    table = profile.cost_table(4)
+    assert bank.cost.kind == "latency" and bank.cost.table == table and bank.cost.where == profile.where
+    manifest, records = load_records(layout)
+    for entry in bank.entries:
+        config = entry.config
+        step = [
+            table.segment_macs[n]
+            + (table.head_macs if n == len(config.exits) - 1 else table.exit_macs[n][k - 1] if k else 0)
+            for n, k in enumerate(config.exits)
+        ]
+        result = simulate(records["search"], config, manifest.macs)
+        expected = np.cumsum(step)[result.exit_positions].mean() / (sum(table.segment_macs) + table.head_macs)
+        assert entry.search.relative_latency == pytest.approx(expected)
+        assert entry.search.relative_macs == pytest.approx(result.relative_macs)
+    frontier = [bank.entries[i].search for i in bank.frontier()]
+    assert [s.relative_latency for s in frontier] == sorted(s.relative_latency for s in frontier)
+    ran, _ = _build(layout)
+    assert "search" not in ran

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends
 from ..deps import ServiceDep, require_admin
 from ..errors import BadRequest, Unprocessable
 from ..runtime import Tier
-from ..schemas import ActiveInfo, BankEntryInfo, BankInfo, ModeRequest, ReloadRequest, SwitchRequest, TierInfo
+from ..schemas import ActiveInfo, BankEntryInfo, BankInfo, CostInfo, ModeRequest, ReloadRequest, SwitchRequest, TierInfo
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -32,12 +32,20 @@ async def bank(service: ServiceDep) -> BankInfo:
                 thresholds=entry.config.thresholds,
                 test_accuracy=entry.test.accuracy if entry.test else None,
                 test_relative_macs=entry.test.relative_macs if entry.test else None,
+                expected_relative_latency=entry.search.relative_latency,
             )
         )
+    runtime = service.runtime
     return BankInfo(
         backbone=bank.backbone.name,
         num_positions=bank.num_positions,
         original_accuracy=bank.original_accuracy,
+        cost=CostInfo(
+            kind=bank.cost.kind,
+            where=bank.cost.where.model_dump() if bank.cost.where else None,
+            batch=bank.cost.batch,
+            profiled_elsewhere=runtime.costed_elsewhere(bank),
+        ),
         entries=entries,
     )
 
