@@ -6,8 +6,9 @@ pools, caches and metric children settle), the server's RSS (``/proc/<pid>/statu
 start; then ``--pinned`` requests with the tier pinned through ``/admin/active`` (manual mode, the
 state in which issue 11 found the load window growing without bound), then ``--auto`` requests
 with the autoswitcher on. RSS is sampled along the way; the last line is JSON with
-``rss_growth_pct`` (end vs start), the request and error counts, and the host: CPU flags, GPU,
-load average (a busy host makes the figures slower, not the memory larger).
+``rss_growth_pct`` (end vs start), the request and error counts (admission control's 429s are
+counted apart: they are load, not faults), and the host: CPU flags, GPU, load average (a busy
+host makes the figures slower, not the memory larger).
 
 Run: python bench/soak.py [--artifacts artifacts] [--pinned 30000] [--auto 5000]
      python bench/soak.py --small   # builds the small test artefacts into a temporary directory
@@ -94,7 +95,8 @@ class Load:
 
     @property
     def errors(self) -> int:
-        return sum(n for outcome, n in self.statuses.items() if outcome != "200")
+        """Answers that are neither a classification nor admission control's 429 (load, not a fault)."""
+        return sum(n for outcome, n in self.statuses.items() if outcome not in ("200", "429"))
 
 
 def soak(artifacts: Path, warmup: int, pinned: int, auto: int, concurrency: int, step: int) -> dict[str, object]:
@@ -131,6 +133,7 @@ def soak(artifacts: Path, warmup: int, pinned: int, auto: int, concurrency: int,
         "pinned": pinned,
         "auto": auto,
         "errors": load.errors,
+        "refused_429": load.statuses.get("429", 0),
         "statuses": load.statuses,
         "pinned_index": top,
         "final_tier": active["tier"]["bank_index"],

@@ -19,6 +19,8 @@ def test_soak_keeps_server_rss_flat(core_demo_artifacts):
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["requests"] == 3000 and sum(figures["statuses"].values()) == 3000
     assert figures["errors"] == 0, figures["statuses"]
+    # Admission control may refuse a few on a busy host; the memory figures need the rest served.
+    assert figures["statuses"]["200"] >= 0.9 * figures["requests"], figures["statuses"]
     assert figures["final_mode"] == "auto"
     assert abs(figures["rss_growth_pct"]) <= 5, figures
     assert figures["rss_end_mb"] > 50  # a real process's RSS, not a parsing accident
