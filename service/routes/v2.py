@@ -68,16 +68,23 @@ async def live(service: ServiceDep) -> JSONResponse:
     return JSONResponse(body, status_code=503, headers={"x-error-code": "not_live"})
 
 
-def _readiness(service: Service) -> dict[str, str]:
-    # A 503 before warm-up is the expected answer, not a server fault: label it for the metrics.
-    return {} if service.ready else {"x-error-code": NotReady.reason}
+def _readiness(service: Service, body: dict[str, Any]) -> JSONResponse:
+    """200 once warmed up; else 503 in the service's error shape (``error``, ``code``) beside the
+    protocol's ``ready`` field. A 503 before warm-up is expected, not a server fault: its code
+    labels it for the metrics."""
+    if service.ready:
+        return JSONResponse({**body, "ready": True})
+    reason = service.fatal or "the model is loading or warming up"
+    return JSONResponse(
+        {**body, "ready": False, "error": reason, "code": NotReady.reason},
+        status_code=503,
+        headers={"x-error-code": NotReady.reason},
+    )
 
 
 @router.get("/health/ready")
 async def ready(service: ServiceDep) -> JSONResponse:
-    return JSONResponse(
-        {"ready": service.ready}, status_code=200 if service.ready else 503, headers=_readiness(service)
-    )
+    return _readiness(service, {})
 
 
 @router.get("/models/{name}")
@@ -93,9 +100,7 @@ async def model_metadata(service: ServiceDep, name: str, version: str | None = N
 @router.get("/models/{name}/versions/{version}/ready")
 async def model_ready(service: ServiceDep, name: str, version: str | None = None) -> JSONResponse:
     _model(service, name, version)
-    return JSONResponse(
-        {"name": name, "ready": service.ready}, status_code=200 if service.ready else 503, headers=_readiness(service)
-    )
+    return _readiness(service, {"name": name})
 
 
 @router.get("/models/{name}/config")
