@@ -166,4 +166,20 @@ def create_app(settings: Settings, runtime: ModelRuntime | None = None) -> FastA
     for module in (classify, v2, admin, metrics):
         app.include_router(module.router, responses=ROUTER_ERRORS.get(module.router.prefix))
     app.add_middleware(ObserveRequests, service=service)
+    _document_settings(app, settings)
     return app
+
+
+def _document_settings(app: FastAPI, settings: Settings) -> None:
+    """Limits that are settings, not constants, written into the OpenAPI document as generated."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            body = schema["paths"]["/v1/classify/batch"]["post"]["requestBody"]["content"]["multipart/form-data"]
+            body["schema"]["properties"]["files"]["maxItems"] = settings.max_batch_size
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -47,6 +47,25 @@ class InferRequest(BaseModel):
     outputs: list[RequestedOutput] | None = None
 
 
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` substituted in place: an OpenAPI request body
+    cannot point into a schema's own ``$defs``."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)
+
+
 def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, dict[str, bytes]]:
     """JSON header and each binary input's bytes, by input name."""
     if header_length is None:

@@ -23,7 +23,9 @@ EXAMPLES_PER_OPERATION = 25
 # The document is built in-process at collection time (schemathesis parametrizes while pytest
 # collects, before any server runs; its lazy fixture loader does not work with pytest 9), and
 # test_the_live_server_serves_this_document checks it is the one the live server serves.
-OPENAPI = create_app(Settings(admin_token="schema-only-token-never-served")).openapi()
+# Limits that are settings (the batch size) are in the document: the same as the live server's.
+MAX_BATCH = 16
+OPENAPI = create_app(Settings(admin_token="schema-only-token-never-served", max_batch_size=MAX_BATCH)).openapi()
 schema = schemathesis.openapi.from_dict(OPENAPI)
 
 # Every route of service/routes/, written out by hand: the document must not lose or invent any.
@@ -58,6 +60,7 @@ SEMANTIC_REFUSALS = (
     (422, "no bank entry satisfies"),
     (400, "not both"),
     (400, "is not a PNG, JPEG or WebP image"),
+    (415, "is not accepted; send one of PNG, JPEG, WEBP"),
     (400, "image is truncated or corrupt"),
 )
 
@@ -74,7 +77,7 @@ def schema_server(core_demo_artifacts, tmp_path_factory) -> Iterator[ServerProce
     # A copy: generated reload requests name files in the served directory.
     root = tmp_path_factory.mktemp("schema")
     artifacts = shutil.copytree(core_demo_artifacts, root / "artifacts")
-    with ServerProcess(artifacts, root / "server.log", max_batch_size=16, calibration_rounds=2) as server:
+    with ServerProcess(artifacts, root / "server.log", max_batch_size=MAX_BATCH, calibration_rounds=2) as server:
         yield server
 
 

@@ -114,7 +114,32 @@ async def classify(
     return Classification(**result.model_dump(), **shared)
 
 
-@router.post("/classify/batch", response_model=BatchClassification, openapi_extra=IMAGE_BODY)
+BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "files": {
+                            "type": "array",
+                            "minItems": 1,
+                            "description": "one part per image, at most DYCE_MAX_BATCH_SIZE",
+                            "items": {"type": "string", "format": "binary", "minLength": 1},
+                        }
+                    },
+                },
+                "encoding": {"files": {"contentType": "image/png, image/jpeg, image/webp"}},
+            },
+        },
+    }
+}
+
+
+@router.post("/classify/batch", response_model=BatchClassification, openapi_extra=BATCH_BODY)
 async def classify_batch(
     request: Request, response: Response, service: ServiceDep, query: ClassifyQueryDep
 ) -> BatchClassification:

@@ -15,7 +15,7 @@ from ..deps import ServiceDep
 from ..errors import BadRequest, NotFound, NotReady
 from ..runtime import PLATFORMS
 from ..serving import Service
-from ..v2 import HEADER_LENGTH, bytes_tensor, encode_response, fp32_tensor, parse_request
+from ..v2 import HEADER_LENGTH, InferRequest, bytes_tensor, encode_response, fp32_tensor, inline_schema, parse_request
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
@@ -141,8 +141,21 @@ async def model_config(service: ServiceDep, name: str, version: str | None = Non
     }
 
 
-@router.post("/models/{name}/infer")
-@router.post("/models/{name}/versions/{version}/infer")
+# The JSON form of an inference request; the binary tensor extension appends raw bytes after it
+# (application/octet-stream, with Inference-Header-Content-Length), which no schema describes.
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": inline_schema(InferRequest)},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.post("/models/{name}/infer", openapi_extra=INFER_BODY)
+@router.post("/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY)
 async def infer(request: Request, service: ServiceDep, name: str, version: str | None = None) -> Response:
     """Inputs: ``input`` (FP32 preprocessed) or ``image`` (BYTES encoded). Request parameters
     ``lambda`` or ``max_relative_macs`` choose a tier for this request."""
