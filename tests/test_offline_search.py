@@ -95,15 +95,19 @@ def test_threshold_minimiser_is_exact_for_every_move(seed):
             assert best_t[row] == pytest.approx(-neg_t)
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_one_early_position_searches_reach_the_brute_force_optimum(seed):
-    records, macs = random_problem(seed, positions=2, kinds=3, samples=15)
-    problem = SearchProblem(records, macs)
+def assert_searches_reach_brute_force(records: ExitRecords, costs: MacTable) -> None:
+    """Single-pass and iterative, searching on ``costs``, reach brute force's optimum at every lambda."""
+    problem = SearchProblem(records, costs)
     sp, it = single_pass(problem, LAMBDAS), iterative(problem, LAMBDAS)
     for lam in LAMBDAS:
-        best = brute_force_optimum(records, macs, lam)
-        assert objective(records, macs, lam, sp[lam]) == pytest.approx(best, abs=1e-12)
-        assert objective(records, macs, lam, it[lam]) == pytest.approx(best, abs=1e-12)
+        best = brute_force_optimum(records, costs, lam)
+        assert objective(records, costs, lam, sp[lam]) == pytest.approx(best, abs=1e-12)
+        assert objective(records, costs, lam, it[lam]) == pytest.approx(best, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_early_position_searches_reach_the_brute_force_optimum(seed):
+    assert_searches_reach_brute_force(*random_problem(seed, positions=2, kinds=3, samples=15))
 
 
 def test_hand_made_records_with_a_known_optimum():

@@ -11,9 +11,7 @@ from dyce.artifacts import ArtifactLayout, load_backbone, load_bank_for, load_ex
 from dyce.execution_backends import TorchBackend
 from dyce.profile import LatencyProfile, Where, default_buckets, host_name, measure_latency
 from dyce.simulate import ExitRecords
-from offline.objective import SearchProblem
-from offline.search import iterative, single_pass
-from tests.test_offline_search import LAMBDAS, brute_force_optimum, objective
+from tests.test_offline_search import assert_searches_reach_brute_force
 
 WHERE = Where(device_type="cpu", backend="torch", host="test cpu x2", threads=2)
 
@@ -85,10 +83,4 @@ def test_latency_costed_searches_reach_the_brute_force_optimum_on_measured_time(
     correct[-1, 0, 0] = True
     confidence[-1, 1:], correct[-1, 1:] = np.nan, False
     records = ExitRecords(confidence, correct, (kinds, kinds, 1))
-    time_table = synthetic_profile().cost_table(4)
-    problem = SearchProblem(records, time_table)
-    sp, it = single_pass(problem, LAMBDAS), iterative(problem, LAMBDAS)
-    for lam in LAMBDAS:
-        best = brute_force_optimum(records, time_table, lam)
-        assert objective(records, time_table, lam, sp[lam]) == pytest.approx(best, abs=1e-12)
-        assert objective(records, time_table, lam, it[lam]) == pytest.approx(best, abs=1e-12)
+    assert_searches_reach_brute_force(records, synthetic_profile().cost_table(4))
