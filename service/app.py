@@ -69,7 +69,8 @@ class ObserveRequests:
             if body_done:  # only a disconnect can come now; waiting for it has no deadline
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), body_timeout)
+                async with asyncio.timeout(body_timeout):  # a timer handle, no task per chunk
+                    message = await receive()
             except TimeoutError:
                 raise BodyTimeout(f"no request body data for {body_timeout:g} s") from None
             if message["type"] == "http.request":
