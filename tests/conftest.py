@@ -225,8 +225,9 @@ def service_settings(artifacts: Path, **overrides):
 
 @pytest.fixture(scope="session")
 def live_server(core_demo_artifacts) -> Iterator[LiveServer]:
-    """One shared server for tests that leave it as they found it (pinned at the top tier)."""
-    with LiveServer(service_settings(core_demo_artifacts, autoswitch="manual")) as server:
+    """One shared server for tests that leave it as they found it (pinned at the top tier).
+    Admission is not what these tests check: a generous objective, so a loaded host sees no 429."""
+    with LiveServer(service_settings(core_demo_artifacts, autoswitch="manual", slo_p95_ms=60_000)) as server:
         yield server
 
 

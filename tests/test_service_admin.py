@@ -16,7 +16,8 @@ from tests.conftest import LiveServer, service_settings
 
 @pytest.fixture(scope="module")
 def admin_server(core_demo_artifacts, tmp_path_factory):
-    with LiveServer(service_settings(core_demo_artifacts, autoswitch="manual")) as server:
+    # Admission is not under test here: a generous objective, so a loaded CI host sees no 429.
+    with LiveServer(service_settings(core_demo_artifacts, autoswitch="manual", slo_p95_ms=60_000)) as server:
         yield server
 
 
