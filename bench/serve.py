@@ -198,6 +198,9 @@ def main(
         torch_threads=torch_threads,
         max_batch_size=max_batch_size,
         queue_capacity=4096,
+        # This bench measures what serving costs, not admission: a latency objective no closed
+        # loop of 16 clients reaches, so every request is served (admission applies when pinned too).
+        slo_p95_ms=60_000,
     )
     with server:
         floor_p50_ms = percentile_ms(http_floor(server.url, requests), 50)
