@@ -81,12 +81,13 @@ class ObserveRequests:
             return message
 
         limited = not scope["path"].startswith(UNLIMITED_PREFIXES)
+        refused_at_edge = False
         self.in_flight += limited
         metrics.in_flight.inc()
         try:
             declared = _content_length(scope)
             if limited and self.in_flight > settings.max_in_flight_requests:
-                scope["route"] = EDGE_ROUTE
+                refused_at_edge = True
                 response = error_response(
                     503,
                     "overloaded",
@@ -102,19 +103,11 @@ class ObserveRequests:
         finally:
             self.in_flight -= limited
             metrics.in_flight.dec()
-            route = scope.get("route")
+            # Requests refused before routing have no route: they are counted under "edge".
+            route = "edge" if refused_at_edge else getattr(scope.get("route"), "path", "unmatched")
             if reason is None and status >= 500:
                 reason = "internal"
-            metrics.request_done(getattr(route, "path", "unmatched"), status, time.perf_counter() - started, reason)
-
-
-class _EdgeRoute:
-    """The route label of requests refused before routing."""
-
-    path = "edge"
-
-
-EDGE_ROUTE = _EdgeRoute()
+            metrics.request_done(route, status, time.perf_counter() - started, reason)
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -25,6 +25,8 @@ from offline.train_backbone import evaluate, frozen
 from offline.train_exits import ExitRecipe, pooled_features, train_exits, train_on_maps, train_on_pooled
 
 SUBSET = 1200
+# Every step of the demo build, in the order it runs them (written out: the build must not lose one).
+BUILD_STEPS = ("data", "train-backbone", "train-exits", "record", "search", "report")
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +34,7 @@ def built(tmp_path_factory) -> OfflineLayout:
     root = tmp_path_factory.mktemp("artifacts")
     result = CliRunner().invoke(app, ["--artifacts", str(root), "build", "--subset", str(SUBSET)])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output.strip().splitlines()[-1])["ran"] == [
-        "data",
-        "train-backbone",
-        "train-exits",
-        "record",
-        "search",
-        "report",
-    ]
+    assert json.loads(result.output.strip().splitlines()[-1])["ran"] == list(BUILD_STEPS)
     return OfflineLayout(root)
 
 
@@ -175,14 +170,7 @@ def test_report_chooses_on_search_and_measures_on_test(built):
         assert report["test_rel_macs_at_drop_chosen_on_test"][drop] == pytest.approx(cheapest_on_test)
     assert "test_rel_macs_at_drop" not in report  # the old, ambiguous name
     # The build's own figures: every step's time and the numerics each training step chose.
-    assert set(report["build"]["step_seconds"]) == {
-        "data",
-        "train-backbone",
-        "train-exits",
-        "record",
-        "search",
-        "report",
-    }
+    assert set(report["build"]["step_seconds"]) == set(BUILD_STEPS)
     native = choose_numerics("auto", "cpu").precision
     assert {s: n["precision"] for s, n in report["numerics"].items()} == {
         "train-backbone": native,
