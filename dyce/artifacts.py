@@ -5,23 +5,28 @@ service (reader). Weights are safetensors; identities are JSON validated by pyda
     <root>/backbone.safetensors backbone weights (the torchvision model's state_dict)
     <root>/exits.json           ExitManifest (every candidate exit's spec and hash)
     <root>/exits.safetensors    all candidate exits' weights, keys "<position>.<index>.<param>"
+    <root>/savers.json          SaverManifest (optional: every candidate saver's kind and hash)
+    <root>/savers.safetensors   all savers' weights, keys "<index>.<param>"
     <root>/bank.json            Bank (configurations)
     <root>/profile.json         LatencyProfile (optional: measured time of every part)
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .backbones import SegmentedModel, build_backbone
-from .bank import BackboneIdentity, Bank, ExitIdentity
+from .bank import BackboneIdentity, Bank, BankMismatchError, ExitIdentity
 from .exits import ExitSet, ExitSpec, build_exit
 from .hashing import state_dict_sha256
 from .preprocess import PreprocessSpec
+from .savers import SAVER_POSITION, attach_savers, build_saver
 
 
 class ArtifactLayout:
@@ -32,6 +37,8 @@ class ArtifactLayout:
     backbone_weights = property(lambda self: self.root / "backbone.safetensors")
     exits_manifest = property(lambda self: self.root / "exits.json")
     exits_weights = property(lambda self: self.root / "exits.safetensors")
+    savers_manifest = property(lambda self: self.root / "savers.json")  # optional
+    savers_weights = property(lambda self: self.root / "savers.safetensors")
     bank = property(lambda self: self.root / "bank.json")
     profile = property(lambda self: self.root / "profile.json")  # LatencyProfile, optional
 
@@ -72,6 +79,30 @@ class ExitManifest(BaseModel):
 
     def identities(self) -> list[ExitIdentity]:
         return [e.identity for e in self.exits]
+
+
+class SaverEntry(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    kind: str
+    sha256: str
+
+    @property
+    def identity(self) -> ExitIdentity:
+        return ExitIdentity(position=SAVER_POSITION, index=self.index, kind=self.kind, sha256=self.sha256)
+
+
+class SaverManifest(BaseModel):
+    """Candidate savers, candidates 1, 2, ... of the saver stage, for one backbone's inputs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    backbone: BackboneIdentity
+    savers: tuple[SaverEntry, ...]
+
+    def identities(self) -> list[ExitIdentity]:
+        return [e.identity for e in self.savers]
 
 
 def backbone_identity(backbone: SegmentedModel) -> BackboneIdentity:
@@ -125,12 +156,90 @@ def load_exits(layout: ArtifactLayout) -> tuple[ExitSet, ExitManifest]:
     modules = []
     for entry in manifest.exits:
         module = build_exit(entry.kind, entry.in_channels, entry.num_classes)
-        prefix = f"{entry.position}.{entry.index}."
-        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-        if state_dict_sha256(module) != entry.sha256:
-            raise ValueError(f"exit ({entry.position}, {entry.index}) weights do not match their manifest hash")
-        modules.append(module.eval())
+        what = f"exit ({entry.position}, {entry.index})"
+        modules.append(_load_checked(module, tensors, f"{entry.position}.{entry.index}.", entry.sha256, what))
     return ExitSet(manifest.num_positions, [e.spec for e in manifest.exits], modules), manifest
+
+
+def save_savers(
+    layout: ArtifactLayout, savers: Sequence[nn.Module], kinds: Sequence[str], backbone: BackboneIdentity
+) -> SaverManifest:
+    layout.root.mkdir(parents=True, exist_ok=True)
+    tensors, entries = {}, []
+    for index, (saver, kind) in enumerate(zip(savers, kinds, strict=True), start=1):
+        for key, value in saver.state_dict().items():
+            tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+        entries.append(SaverEntry(index=index, kind=kind, sha256=state_dict_sha256(saver)))
+    save_file(tensors, str(layout.savers_weights))
+    manifest = SaverManifest(backbone=backbone, savers=tuple(entries))
+    layout.savers_manifest.write_text(manifest.model_dump_json(indent=1))
+    return manifest
+
+
+def load_savers(layout: ArtifactLayout, backbone: SegmentedModel) -> tuple[list[nn.Module], SaverManifest]:
+    manifest = SaverManifest.model_validate_json(layout.savers_manifest.read_text())
+    if manifest.backbone != backbone_identity(backbone):
+        raise ValueError(f"{layout.savers_manifest} holds savers trained for other backbone weights")
+    tensors = load_file(str(layout.savers_weights))
+    savers = []
+    for entry in manifest.savers:
+        saver = build_saver(entry.kind, backbone.input_spec, backbone.num_classes)
+        savers.append(_load_checked(saver, tensors, f"{entry.index}.", entry.sha256, f"saver {entry.index}"))
+    return savers, manifest
+
+
+def _load_checked(module: nn.Module, tensors: dict, prefix: str, sha256: str, what: str) -> nn.Module:
+    """``module`` with the weights stored under ``prefix``, refused unless they hash to ``sha256``."""
+    module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+    if state_dict_sha256(module) != sha256:
+        raise ValueError(f"{what} weights do not match their manifest hash")
+    return module.eval()
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """Everything that runs, as one early-exit model: with savers, ``backbone`` has the saver
+    stage in front (``dyce.savers``) and ``exits`` holds the savers at position 0."""
+
+    backbone: SegmentedModel
+    exits: ExitSet
+    backbone_manifest: BackboneManifest
+    exit_manifest: ExitManifest
+    saver_manifest: SaverManifest | None
+
+    @property
+    def saver_stage(self) -> bool:
+        return self.saver_manifest is not None
+
+    def saver_identities(self) -> list[ExitIdentity]:
+        return self.saver_manifest.identities() if self.saver_manifest else []
+
+    def exit_hashes(self) -> dict[tuple[int, int], str]:
+        """Weights hash of every candidate by its run-time (position, k), savers included."""
+        offset = 1 if self.saver_stage else 0
+        hashes = {(e.position + offset, e.index): e.sha256 for e in self.exit_manifest.exits}
+        hashes |= {(SAVER_POSITION, s.index): s.sha256 for s in self.saver_identities()}
+        return hashes
+
+    def check_bank(self, bank: Bank) -> None:
+        """BankMismatchError unless ``bank`` was searched for exactly this model."""
+        bank.check_matches(self.backbone_manifest.identity, self.exit_manifest.identities(), self.saver_identities())
+        if bank.saver_stage != self.saver_stage:
+            searched, loaded = ("with" if stage else "without" for stage in (bank.saver_stage, self.saver_stage))
+            raise BankMismatchError(f"bank was searched {searched} a saver stage, the model is loaded {loaded} one")
+
+
+def load_model(layout: ArtifactLayout, savers: bool | None = None) -> LoadedModel:
+    """Backbone and exits, plus the savers when ``savers`` (None: when ``savers.json`` exists)."""
+    backbone, backbone_manifest = load_backbone(layout)
+    exits, exit_manifest = load_exits(layout)
+    if savers is None:
+        savers = layout.savers_manifest.is_file()
+    if not savers:
+        return LoadedModel(backbone, exits, backbone_manifest, exit_manifest, None)
+    modules, saver_manifest = load_savers(layout, backbone)
+    staged, all_exits = attach_savers(backbone, exits, modules, [s.kind for s in saver_manifest.savers])
+    return LoadedModel(staged, all_exits, backbone_manifest, exit_manifest, saver_manifest)
 
 
 def load_bank_for(layout: ArtifactLayout, bank_path: str | Path | None = None) -> Bank:
@@ -138,5 +247,10 @@ def load_bank_for(layout: ArtifactLayout, bank_path: str | Path | None = None) -
     bank = Bank.load(bank_path or layout.bank)
     backbone = BackboneManifest.model_validate_json(layout.backbone_manifest.read_text())
     exits = ExitManifest.model_validate_json(layout.exits_manifest.read_text())
-    bank.check_matches(backbone.identity, exits.identities())
+    savers = (
+        SaverManifest.model_validate_json(layout.savers_manifest.read_text()).identities()
+        if bank.saver_stage and layout.savers_manifest.is_file()
+        else []
+    )
+    bank.check_matches(backbone.identity, exits.identities(), savers)
     return bank

@@ -95,12 +95,29 @@ class Bank(BaseModel):
     original_accuracy: dict[str, float] = Field(description="plain backbone accuracy per split")
     entries: tuple[BankEntry, ...] = Field(min_length=1)
     cost: CostBasis = CostBasis()
+    savers: tuple[ExitIdentity, ...] = Field(
+        (),
+        description="candidate savers (TinySaver): with any, position 0 is the saver stage in front of the "
+        "backbone, backbone position n is position n + 1 of num_candidates, macs and every configuration",
+    )
+
+    @property
+    def saver_stage(self) -> bool:
+        return bool(self.savers)
+
+    @property
+    def position_offset(self) -> int:
+        """How far the backbone's positions are shifted in this bank's configurations."""
+        return 1 if self.savers else 0
 
     @model_validator(mode="after")
     def _consistent(self) -> Bank:
         if self.macs.num_positions != len(self.num_candidates):
             raise ValueError("MAC table and num_candidates disagree on the number of positions")
-        declared = {(e.position, e.index) for e in self.exits}
+        if any(s.position != 0 for s in self.savers):
+            raise ValueError("savers sit at position 0")
+        declared = {(e.position + self.position_offset, e.index) for e in self.exits}
+        declared |= {(0, s.index) for s in self.savers}
         for i, entry in enumerate(self.entries):
             try:
                 entry.config.check_candidates(self.num_candidates)
@@ -116,7 +133,8 @@ class Bank(BaseModel):
         return len(self.num_candidates)
 
     def used_exits(self) -> set[tuple[int, int]]:
-        """(position, k) of every early exit some configuration enables."""
+        """(position, k) of every early exit some configuration enables, savers included, in the
+        configurations' positions (shifted by the saver stage)."""
         return {(n, k) for entry in self.entries for n, k in enumerate(entry.config.exits[:-1]) if k}
 
     @classmethod
@@ -126,7 +144,12 @@ class Bank(BaseModel):
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.model_dump_json(by_alias=True, indent=1))
 
-    def check_matches(self, backbone: BackboneIdentity, exits: list[ExitIdentity] | tuple[ExitIdentity, ...]) -> None:
+    def check_matches(
+        self,
+        backbone: BackboneIdentity,
+        exits: list[ExitIdentity] | tuple[ExitIdentity, ...],
+        savers: list[ExitIdentity] | tuple[ExitIdentity, ...] = (),
+    ) -> None:
         if backbone != self.backbone:
             raise BankMismatchError(
                 f"bank was searched for backbone {self.backbone.name} (weights {self.backbone.weights_sha256[:12]}), "
@@ -140,6 +163,14 @@ class Bank(BaseModel):
                 raise BankMismatchError(
                     f"bank needs exit {needed.kind} at position {needed.position} (k={needed.index}, "
                     f"weights {needed.sha256[:12]}), loaded: {got}"
+                )
+        loaded_savers = {s.index: s for s in savers}
+        for needed in self.savers:
+            have = loaded_savers.get(needed.index)
+            if have != needed:
+                got = "missing" if have is None else f"{have.kind} {have.sha256[:12]}"
+                raise BankMismatchError(
+                    f"bank needs saver {needed.kind} (k={needed.index}, weights {needed.sha256[:12]}), loaded: {got}"
                 )
 
     # Selection, shared by admin switches, per-request tiers and the autoswitcher.

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from .backbones import SegmentedModel
 from .bank import BackboneIdentity
@@ -78,7 +78,7 @@ class TorchBackend:
 class OnnxGraph(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    file: str
+    file: str | None = Field(description="None: an identity segment (a saver stage), which passes its input on")
     sha256: str  # of the torch weights it was exported from
 
 
@@ -137,7 +137,7 @@ class OnnxRuntimeBackend:
         def session(graph: OnnxGraph):
             return ort.InferenceSession(str(self.directory / graph.file), options, providers=providers)
 
-        self._segments = [session(g) for g in self.manifest.segments]
+        self._segments = [None if g.file is None else session(g) for g in self.manifest.segments]
         self._head = session(self.manifest.head)
         self._exits = {key: session(g) for key, g in self.manifest.exits.items()}
 
@@ -174,7 +174,8 @@ class OnnxRuntimeBackend:
         return torch.utils.dlpack.from_dlpack(output.to_dlpack())
 
     def segment(self, position: int, x: torch.Tensor) -> torch.Tensor:
-        return self._run(self._segments[position], x)
+        session = self._segments[position]
+        return x if session is None else self._run(session, x)
 
     def exit_logits(self, position: int, index: int, x: torch.Tensor) -> torch.Tensor:
         try:

@@ -6,6 +6,10 @@ the rule shared with the runtime, never from the searches' own bookkeeping. Entr
 another entry Pareto-dominates on the search split (at least as accurate and no more MACs,
 one of them strictly) and repeats of an earlier entry's figures are kept, marked
 ``dominated``.
+
+With savers in the records (``dyce.savers``: position 0 is the saver stage), the searches choose
+per lambda whether to use a saver like any exit; the same searches without the saver stage write
+``bank-without-saver.json``, a bank for the same backbone and exits that the report compares.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dyce.simulate import ExitRecords, simulate
 from .layout import OfflineLayout
 from .objective import SearchProblem
 from .provenance import current_inputs, write_step_manifest
-from .records import load_records
+from .records import RecordsManifest, load_records
 from .search import UNIFORM_GRID, adaptive_grid, baseline, iterative, single_pass
 
 Algorithm = Literal["iterative", "single_pass", "baseline"]
@@ -98,6 +102,14 @@ def latency_basis(layout: OfflineLayout, backbone_sha256: str, batch: int) -> Co
     )
 
 
+def without_saver_stage(records: ExitRecords) -> ExitRecords:
+    return ExitRecords(records.confidence[1:], records.correct[1:], tuple(records.num_candidates[1:]))
+
+
+def table_without_saver_stage(table: MacTable) -> MacTable:
+    return MacTable(segment_macs=table.segment_macs[1:], head_macs=table.head_macs, exit_macs=table.exit_macs[1:])
+
+
 def build_bank(
     layout: OfflineLayout,
     algorithms: tuple[Algorithm, ...] = ALGORITHMS,
@@ -111,6 +123,41 @@ def build_bank(
     inputs = current_inputs(layout, ("records", "profile") if cost == "latency" else ("records",))
     manifest, records = load_records(layout)
     basis = latency_basis(layout, manifest.backbone.weights_sha256, batch) if cost == "latency" else CostBasis()
+    if basis.table is not None and basis.table.num_positions != manifest.macs.num_positions:
+        stage = "with" if manifest.savers else "without"
+        raise ValueError(
+            f"{layout.profile} was timed on another model than the records ({stage} a saver stage): "
+            "run `dyce-offline profile` again"
+        )
+    bank, runs = search_bank(manifest, records, algorithms, grid, basis, progress)
+    bank.save(layout.bank)
+    if manifest.savers:
+        plain = manifest.model_copy(
+            update={
+                "savers": (),
+                "num_candidates": manifest.num_candidates[1:],
+                "macs": table_without_saver_stage(manifest.macs),
+            }
+        )
+        plain_records = {split: without_saver_stage(r) for split, r in records.items()}
+        if basis.table is not None:
+            basis = basis.model_copy(update={"table": table_without_saver_stage(basis.table)})
+        search_bank(plain, plain_records, algorithms, grid, basis, progress)[0].save(layout.bank_without_saver)
+    else:
+        layout.bank_without_saver.unlink(missing_ok=True)
+    layout.search_runs.write_text("[\n" + ",\n".join(run.model_dump_json() for run in runs) + "\n]\n")
+    write_step_manifest(layout, "search", "search", search_recipe(algorithms, grid, cost, batch), inputs)
+    return bank, runs
+
+
+def search_bank(
+    manifest: RecordsManifest,
+    records: dict[str, ExitRecords],
+    algorithms: tuple[Algorithm, ...],
+    grid: Literal["adaptive", "uniform"],
+    basis: CostBasis,
+    progress: bool,
+) -> tuple[Bank, list[SearchRun]]:
     problem = SearchProblem(records["search"], basis.table or manifest.macs)
     entries, runs = [], []
     for algorithm in algorithms:
@@ -143,10 +190,8 @@ def build_bank(
         original_accuracy={split: r.original_accuracy for split, r in records.items()},
         entries=tuple(mark_dominated(entries)),
         cost=basis,
+        savers=manifest.savers,
     )
-    bank.save(layout.bank)
-    layout.search_runs.write_text("[\n" + ",\n".join(run.model_dump_json() for run in runs) + "\n]\n")
-    write_step_manifest(layout, "search", "search", search_recipe(algorithms, grid, cost, batch), inputs)
     return bank, runs
 
 

@@ -34,18 +34,21 @@ from .bank_builder import ALGORITHMS, Algorithm, build_bank, search_recipe
 from .data import data_recipe, prepare_data
 from .layout import OfflineLayout
 from .provenance import (
+    ABSENT,
     BUILD,
     FINGERPRINTS,
+    OPTIONAL,
     current_inputs,
     read_step_manifest,
     recipe_changes,
     recipe_dict,
     running_build,
 )
-from .records import record
+from .records import record, record_recipe
 from .report import make_report
 from .train_backbone import BackboneRecipe, train_backbone
 from .train_exits import ExitRecipe, train_exits
+from .train_saver import SaverRecipe, train_saver
 
 console = Console(stderr=True)
 
@@ -58,6 +61,7 @@ class BuildOptions(BaseModel):
     seed: int = 0
     backbone: BackboneRecipe = BackboneRecipe()
     exits: ExitRecipe = ExitRecipe()
+    saver: SaverRecipe | None = Field(SaverRecipe(), description="None: no saver stage (TinySaver)")
     algorithms: tuple[Algorithm, ...] = ALGORITHMS
     grid: Literal["adaptive", "uniform"] = "adaptive"
     device: str | None = Field(None, description="cpu | cuda[:N]; None: CUDA when available")
@@ -68,6 +72,7 @@ class BuildOptions(BaseModel):
             update={
                 "backbone": self.backbone.model_copy(update={"precision": precision}),
                 "exits": self.exits.model_copy(update={"precision": precision}),
+                "saver": self.saver and self.saver.model_copy(update={"precision": precision}),
             }
         )
 
@@ -85,6 +90,16 @@ def steps(layout: OfflineLayout, options: BuildOptions) -> list[Step]:
     """Every step in order: what it makes, what it reads, its recipe, how to run it."""
     data = data_recipe(search_size=options.search_size, seed=options.seed, limit=options.limit)
     search = search_recipe(options.algorithms, options.grid)
+    saver = options.saver
+    saver_steps = [
+        Step(
+            "train-saver",
+            [layout.savers_manifest, layout.savers_weights],
+            ("splits", "backbone"),
+            recipe_dict(saver),
+            lambda: train_saver(layout, saver, device=options.device),
+        )
+    ]
     return [
         Step(
             "data",
@@ -107,12 +122,13 @@ def steps(layout: OfflineLayout, options: BuildOptions) -> list[Step]:
             recipe_dict(options.exits),
             lambda: train_exits(layout, options.exits, device=options.device),
         ),
+        *(saver_steps if saver else []),
         Step(
             "record",
             [layout.records_manifest, layout.records],
-            ("splits", "backbone", "exits"),
-            {},
-            lambda: record(layout, device=options.device),
+            ("splits", "backbone", "exits", "savers") if saver else ("splits", "backbone", "exits"),
+            record_recipe(saver is not None),
+            lambda: record(layout, device=options.device, savers=saver is not None),
         ),
         Step(
             "search",
@@ -141,8 +157,9 @@ def why_rerun(layout: OfflineLayout, step: Step) -> tuple[str | None, str]:
         return "no record of what its outputs were made from", ""
     # The inputs its producer read: an imported backbone depends on no split, a trained one does.
     read = tuple(name for name in manifest.inputs if name in FINGERPRINTS)
+    read += tuple(name for name in step.inputs if name in OPTIONAL and name not in read)
     now = current_inputs(layout, read)
-    changed = [name for name in read if manifest.inputs[name] != now[name]]
+    changed = [name for name in read if manifest.inputs.get(name, ABSENT) != now[name]]
     if changed:
         return f"{', '.join(changed)} changed since it ran", ""
     if manifest.recipe_sha256 == json_sha256(step.recipe):
@@ -160,7 +177,8 @@ def build(layout: OfflineLayout, options: BuildOptions | None = None, force: boo
     ran: list[str] = []
     seconds: dict[str, float] = {}
     plan = steps(layout, options)
-    for name, precision in (("train-backbone", options.backbone.precision), ("train-exits", options.exits.precision)):
+    trained = [("train-backbone", options.backbone), ("train-exits", options.exits), ("train-saver", options.saver)]
+    for name, precision in ((name, recipe.precision) for name, recipe in trained if recipe is not None):
         console.print(f"[dim]{name} numerics: {choose_numerics(precision, options.device).describe()}[/dim]")
     for i, step in enumerate(plan):
         reason, note = ("--force", "") if force else why_rerun(layout, step)
@@ -198,6 +216,7 @@ def demo_options(
     epochs: int = 2,
     exit_kinds: tuple[str, ...] = ("mlp1", "mlp3x500"),
     exit_epochs: int = 3,
+    saver_epochs: int = 10,
     algorithms: tuple[Algorithm, ...] = ALGORITHMS,
 ) -> BuildOptions:
     return BuildOptions(
@@ -206,6 +225,8 @@ def demo_options(
         # Small batches and a gentle peak rate: a few dozen steps must still settle BatchNorm's statistics.
         backbone=BackboneRecipe(epochs=epochs, batch_size=64, max_lr=0.05),
         exits=ExitRecipe(kinds=exit_kinds, epochs=exit_epochs),
+        # Small batches, as for the backbone: a few hundred images must still make enough steps.
+        saver=SaverRecipe(epochs=saver_epochs, batch_size=64) if saver_epochs else None,
         algorithms=algorithms,
         grid="uniform",
     )

@@ -122,12 +122,37 @@ def train_exits_command(
     _echo(train_exits(ctx.obj, recipe, device=device))
 
 
+@app.command("train-saver")
+def train_saver_command(
+    ctx: typer.Context,
+    kinds: Annotated[str, typer.Option(help="comma-separated saver kinds (dyce.savers registry)")] = "cnn_small",
+    epochs: int = 6,
+    precision: Annotated[str, typer.Option(help="auto (native bf16 only) | bf16 | fp32")] = "auto",
+    device: Device = None,
+) -> None:
+    """Train candidate savers (TinySaver): tiny models on the raw input, distilled from the backbone."""
+    from .train_saver import SaverRecipe, train_saver
+
+    recipe = SaverRecipe(
+        kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+        epochs=epochs,
+        precision=_precision(precision),  # type: ignore[arg-type]
+    )
+    _echo(train_saver(ctx.obj, recipe, device=device))
+
+
 @app.command("record")
-def record_command(ctx: typer.Context, device: Device = None) -> None:
+def record_command(
+    ctx: typer.Context,
+    device: Device = None,
+    savers: Annotated[
+        bool | None, typer.Option("--savers/--no-savers", help="saver stage in front (default: if trained)")
+    ] = None,
+) -> None:
     """Record every exit's confidence, prediction and correctness on the search and test splits."""
     from .records import record
 
-    _echo(record(ctx.obj, device=device).model_dump(include={"num_candidates", "sizes"}))
+    _echo(record(ctx.obj, device=device, savers=savers).model_dump(include={"num_candidates", "sizes"}))
 
 
 @app.command()
@@ -196,15 +221,17 @@ def export_onnx_command(
     device: Annotated[str, typer.Option(help="where to trace the graphs (the graphs run anywhere)")] = "cpu",
 ) -> None:
     """Export segments, head and every exit the bank uses to ONNX, for DYCE_BACKEND=onnxruntime."""
-    from dyce.artifacts import ArtifactLayout, load_backbone, load_bank_for, load_exits
+    from dyce.artifacts import ArtifactLayout, load_bank_for, load_model
 
     from .export_onnx import export_onnx
 
     layout = ArtifactLayout(ctx.obj.root)
-    backbone, _ = load_backbone(layout)
-    exits, _ = load_exits(layout)
-    used = load_bank_for(layout).used_exits()
-    manifest = export_onnx(backbone, exits, used, out or layout.root / "onnx", opset, device=device)
+    bank = load_bank_for(layout)
+    model = load_model(layout, savers=bank.saver_stage)
+    model.check_bank(bank)
+    manifest = export_onnx(
+        model.backbone, model.exits, bank.used_exits(), out or layout.root / "onnx", opset, device=device
+    )
     typer.echo(
         json.dumps(
             {
@@ -224,12 +251,17 @@ def build(
     subset: Annotated[int | None, typer.Option(help="small demo: this many exit-training images")] = None,
     precision: PrecisionOption = None,
     device: Device = None,
+    saver: Annotated[
+        bool, typer.Option("--saver/--no-saver", help="train a saver (TinySaver) and search with it")
+    ] = True,
 ) -> None:
     """Run every missing or stale step for the Fashion-MNIST demo (a step is stale when what it
     was made from changed: an input's content or its recipe), and say why each one runs."""
     from .build import BuildOptions, build, demo_options
 
     options = demo_options(subset) if subset else BuildOptions()
+    if not saver:
+        options = options.model_copy(update={"saver": None})
     if _precision(precision):
         options = options.with_precision(precision)  # type: ignore[arg-type]
     ran = build(ctx.obj, options.model_copy(update={"device": device}), force=force)

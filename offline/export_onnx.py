@@ -70,9 +70,12 @@ def export_onnx(
     with Progress(transient=True) as progress:
         task = progress.add_task("export ONNX", total=backbone.num_positions + 1 + len(used))
         for n, segment in enumerate(backbone.segments):
-            name = f"segment_{n:02d}.onnx"
-            export_graph(segment, x, directory / name, opset)
-            segments.append(OnnxGraph(file=name, sha256=state_dict_sha256(segment)))
+            if isinstance(segment, nn.Identity):  # a saver stage: nothing to run
+                segments.append(OnnxGraph(file=None, sha256=state_dict_sha256(segment)))
+            else:
+                name = f"segment_{n:02d}.onnx"
+                export_graph(segment, x, directory / name, opset)
+                segments.append(OnnxGraph(file=name, sha256=state_dict_sha256(segment)))
             progress.advance(task)
             for k in (k for (p, k) in used if p == n):
                 module = exits.exit(n, k).eval()

@@ -20,6 +20,10 @@ class OfflineLayout(ArtifactLayout):
     splits = property(lambda self: self.root / "splits.npz")
     backbone_training = property(lambda self: self.root / "backbone_training.json")
     exit_training = property(lambda self: self.root / "exit_training.json")
+    saver_training = property(lambda self: self.root / "saver_training.json")
+    # The backbone's softmax on the exit-train split: both exit and saver training distil from it.
+    teacher = property(lambda self: self.root / "teacher.safetensors")
+    bank_without_saver = property(lambda self: self.root / "bank-without-saver.json")
     records_manifest = property(lambda self: self.root / "records.json")
     records = property(lambda self: self.root / "records.npz")
     search_runs = property(lambda self: self.root / "search.json")

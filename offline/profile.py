@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from rich.progress import Progress
 
-from dyce.artifacts import load_backbone, load_exits
+from dyce.artifacts import load_model
 from dyce.execution_backends import TorchBackend
 from dyce.numerics import resolve_device
 from dyce.profile import LatencyProfile, Where, default_buckets, host_name, measure_latency
@@ -32,12 +32,13 @@ def profile(
     threads: int | None = None,
 ) -> LatencyProfile:
     """``threads``: intra-op threads, as the server will run (``DYCE_TORCH_THREADS``); default torch's."""
-    inputs = current_inputs(layout, ("backbone", "exits"))
+    inputs = current_inputs(layout, ("backbone", "exits", "savers"))
     device = resolve_device(device)
     if threads:
         torch.set_num_threads(threads)
-    backbone, manifest = load_backbone(layout)
-    exits, _ = load_exits(layout)
+    # With savers, the saver stage is timed like any segment and its savers like any exit.
+    model = load_model(layout)
+    backbone, exits, manifest = model.backbone, model.exits, model.backbone_manifest
     if backend != "torch":
         # The search needs every candidate exit's time, and export-onnx writes only the exits
         # a bank uses: profiling the ONNX Runtime backend needs an export of all candidates first.

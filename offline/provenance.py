@@ -86,14 +86,21 @@ FINGERPRINTS: dict[str, tuple[Callable[[OfflineLayout], str], Callable[[OfflineL
     ),
     "bank": (lambda lay: file_sha256(lay.bank), lambda lay: [lay.bank]),
     "profile": (lambda lay: file_sha256(lay.profile), lambda lay: [lay.profile]),
+    "savers": (
+        lambda lay: _files_sha256(file_sha256(lay.savers_manifest), file_sha256(lay.savers_weights)),
+        lambda lay: [lay.savers_manifest, lay.savers_weights],
+    ),
 }
+# Inputs a step reads only when they exist (a build without savers): their absence is a value.
+OPTIONAL = {"savers"}
+ABSENT = "absent"
 
 
 def fingerprint(layout: OfflineLayout, artefact: str) -> str | None:
     """Content hash of one artefact as it is now (None when any of its files is missing)."""
     compute, files = FINGERPRINTS[artefact]
     if not all(p.is_file() for p in files(layout)):
-        return None
+        return ABSENT if artefact in OPTIONAL else None
     return compute(layout)
 
 

@@ -4,8 +4,10 @@ search and test splits, plus the MAC table; the only input of the configuration 
 File format (documented, versioned):
 
 ``records.json`` (RecordsManifest): format version, backbone identity (name, weights hash),
-every exit's identity (position, index k, kind, weights hash), ``num_candidates`` K_n, the
-MAC table (absolute MACs; S_n and Delta_{n,k} follow by dividing by its total), the split sizes.
+every exit's identity (position, index k, kind, weights hash), every saver's identity,
+``num_candidates`` K_n, the MAC table (absolute MACs; S_n and Delta_{n,k} follow by dividing by
+its total), the split sizes. With savers, position 0 is the saver stage (``dyce.savers``) and
+backbone position n is position n + 1 of the arrays, of ``num_candidates`` and of the MAC table.
 
 ``records.npz``, per split ``s`` in (search, test), arrays over (position n, candidate k-1,
 sample m), padded where K_n < max K (confidence NaN, prediction -1, correct False); the final
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from dyce.artifacts import ArtifactLayout, load_backbone, load_exits
+from dyce.artifacts import ArtifactLayout, load_model
 from dyce.backbones import SegmentedModel
 from dyce.bank import BackboneIdentity, ExitIdentity
 from dyce.exits import ExitSet
@@ -51,6 +53,7 @@ class RecordsManifest(BaseModel):
     num_candidates: tuple[int, ...]
     macs: MacTable
     sizes: dict[str, int]
+    savers: tuple[ExitIdentity, ...] = ()
 
 
 def record_split(backbone: SegmentedModel, exits: ExitSet, dataset) -> dict[str, np.ndarray]:
@@ -82,12 +85,13 @@ def record_split(backbone: SegmentedModel, exits: ExitSet, dataset) -> dict[str,
     }
 
 
-def record(layout: OfflineLayout, device: str | None = None) -> RecordsManifest:
+def record(layout: OfflineLayout, device: str | None = None, savers: bool | None = None) -> RecordsManifest:
     """Records in fp32 whatever the device (the service's numerics: the search must see what it
-    will serve); the MAC table is measured on the CPU copy."""
-    inputs = current_inputs(layout, ("splits", "backbone", "exits"))
-    backbone, backbone_manifest = load_backbone(layout)
-    exits, exits_manifest = load_exits(layout)
+    will serve); the MAC table is measured on the CPU copy. ``savers``: put the saver stage in
+    front (None: when ``train-saver`` made savers)."""
+    inputs = current_inputs(layout, ("splits", "backbone", "exits", "savers"))
+    model = load_model(layout, savers)
+    backbone, exits, backbone_manifest = model.backbone, model.exits, model.backbone_manifest
     device = resolve_device(device)
     backbone.to(device, memory_format=torch.channels_last)
     exits.to(device)
@@ -101,14 +105,15 @@ def record(layout: OfflineLayout, device: str | None = None) -> RecordsManifest:
     exits.to("cpu")
     manifest = RecordsManifest(
         backbone=backbone_manifest.identity,
-        exits=tuple(exits_manifest.identities()),
+        exits=tuple(model.exit_manifest.identities()),
         num_candidates=tuple(exits.num_candidates),
         macs=measure_macs(backbone, exits),
         sizes=sizes,
+        savers=tuple(model.saver_identities()),
     )
     np.savez_compressed(layout.records, **arrays)
     layout.records_manifest.write_text(manifest.model_dump_json(indent=1))
-    write_step_manifest(layout, "record", "record", {}, inputs)
+    write_step_manifest(layout, "record", "record", record_recipe(model.saver_stage), inputs)
     return manifest
 
 
@@ -126,3 +131,8 @@ def load_records(layout: OfflineLayout | ArtifactLayout) -> tuple[RecordsManifes
             for split in manifest.sizes
         }
     return manifest, records
+
+
+def record_recipe(savers: bool) -> dict:
+    # Without savers the recipe stays {}, so records made before savers existed are not stale.
+    return {"savers": True} if savers else {}

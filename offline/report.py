@@ -81,7 +81,8 @@ def front_points(entries: list[BankEntry], split: str) -> int:
 
 def standalone_exits(records: ExitRecords, bank: Bank) -> list[tuple[float, float, str]]:
     """(accuracy, relative MACs, kind) of every candidate used alone as the model's only exit."""
-    kinds = {(e.position, e.index): e.kind for e in bank.exits}
+    kinds = {(e.position + bank.position_offset, e.index): e.kind for e in bank.exits}
+    kinds |= {(0, s.index): s.kind for s in bank.savers}
     segments = bank.macs.relative_segments()
     points = []
     for n in range(records.num_positions - 1):
@@ -101,7 +102,14 @@ def _front(points: list[tuple[float, float]]) -> np.ndarray:
     return np.array(front)
 
 
-def plot(bank: Bank, records: dict[str, ExitRecords], path, chosen: dict[str, dict | None] | None = None) -> None:
+def plot(
+    bank: Bank,
+    records: dict[str, ExitRecords],
+    path,
+    chosen: dict[str, dict | None] | None = None,
+    without_saver: Bank | None = None,
+) -> None:
+    """``without_saver``: the bank searched without the saver stage, drawn as one dashed front."""
     splits = [s for s in ("search", "test") if s in records]
     fig, axes = plt.subplots(1, len(splits), figsize=(6.5 * len(splits), 5), squeeze=False)
     algorithms = sorted({e.algorithm for e in bank.entries}, key=list(STYLES).index)
@@ -116,9 +124,17 @@ def plot(bank: Bank, records: dict[str, ExitRecords], path, chosen: dict[str, di
             front = _front(points)
             ax.scatter([c for _, c in points], [a for a, _ in points], s=8, color=colour, alpha=0.35)
             ax.plot(front[:, 0], front[:, 1], color=colour, marker=marker, ms=3, lw=1.2, label=algorithm)
-        for acc, cost, _ in standalone_exits(records[split], bank):
-            ax.scatter(cost, acc, s=10, marker="x", color="tab:green", alpha=0.6)
+        if without_saver is not None:
+            points = [(m.accuracy, m.relative_macs) for e in without_saver.entries if (m := _split_metrics(e, split))]
+            front = _front(points)
+            ax.plot(front[:, 0], front[:, 1], color="black", ls="--", lw=1.2, label="without saver (all algorithms)")
+        for acc, cost, kind in standalone_exits(records[split], bank):
+            saver = kind in {s.kind for s in bank.savers}
+            colour = "tab:purple" if saver else "tab:green"
+            ax.scatter(cost, acc, s=40 if saver else 10, marker="P" if saver else "x", color=colour, alpha=0.8)
         ax.scatter([], [], marker="x", color="tab:green", label="standalone exits")
+        if bank.savers:
+            ax.scatter([], [], marker="P", color="tab:purple", label="savers alone")
         ax.scatter([1.0], [bank.original_accuracy[split]], s=60, marker="*", color="black", label="original model")
         # The tiers a user would pick on the search split, where they are on this split.
         picks = [(drop, c) for drop, c in (chosen or {}).items() if c is not None]
@@ -183,16 +199,50 @@ def make_report(layout: OfflineLayout) -> dict:
         },
     }
     numerics = {}
-    for step, path in (("train-backbone", layout.backbone_training), ("train-exits", layout.exit_training)):
+    for step, path in (
+        ("train-backbone", layout.backbone_training),
+        ("train-exits", layout.exit_training),
+        ("train-saver", layout.saver_training),
+    ):
         if (step_report := _step_report(path)) and "numerics" in step_report:
             numerics[step] = step_report["numerics"]
     if numerics:
         report["numerics"] = numerics
-    plot(bank, records, layout.report_png, report["test_at_drop_chosen_on_search"])
+    without_saver = None
+    if bank.saver_stage and layout.bank_without_saver.is_file():
+        without_saver = Bank.load(layout.bank_without_saver)
+        report["saver"] = saver_summary(bank, records, report["test_at_drop_chosen_on_search"], entries)
+        report["without_saver"] = {
+            "test_at_drop_chosen_on_search": test_at_drop_chosen_on_search(list(without_saver.entries)),
+            "test_rel_macs_at_drop_chosen_on_test": macs_at_drop(list(without_saver.entries), "test"),
+        }
+    plot(bank, records, layout.report_png, report["test_at_drop_chosen_on_search"], without_saver)
     layout.report_json.write_text(json.dumps(report, indent=1))
     layout.report_md.write_text(markdown_table(report))
     write_step_manifest(layout, "report", "report", {}, inputs)
     return report
+
+
+def saver_summary(
+    bank: Bank, records: dict[str, ExitRecords], chosen: dict[str, dict | None], entries: list[BankEntry]
+) -> dict:
+    """Each saver alone (relative MACs, accuracy per split) and the share of test images the
+    saver stage answers under each configuration chosen on search."""
+    by_id = {e.config_id: e for e in entries}
+    return {
+        "candidates": [
+            {
+                "kind": saver.kind,
+                "relative_macs": bank.macs.relative_exit(0, saver.index),
+                "accuracy": {split: float(r.correct[0, saver.index - 1].mean()) for split, r in records.items()},
+            }
+            for saver in bank.savers
+        ],
+        "test_share_answered_at_drop_chosen_on_search": {
+            drop: None if c is None or by_id[c["config_id"]].test is None else by_id[c["config_id"]].test.exit_rates[0]
+            for drop, c in chosen.items()
+        },
+    }
 
 
 def markdown_table(report: dict) -> str:
@@ -237,6 +287,20 @@ def markdown_table(report: dict) -> str:
         rows = {"bank": report[key], **report[f"{key}_by_algorithm"]}
         for name, row in rows.items():
             lines.append(f"| {split} | {name} | " + " | ".join(cell(row[d]) for d in DROPS) + " |")
+    if "saver" in report:
+        lines += ["", "## Saver (TinySaver)", ""]
+        for saver in report["saver"]["candidates"]:
+            accuracy = ", ".join(f"{split} {100 * a:.2f} %" for split, a in saver["accuracy"].items())
+            lines.append(f"- {saver['kind']}: {100 * saver['relative_macs']:.2f} % of the MACs; alone: {accuracy}")
+        shares = report["saver"]["test_share_answered_at_drop_chosen_on_search"]
+        lines.append(
+            "- test images the saver answers, chosen on search: "
+            + ", ".join(f"<= {d} %: {'-' if v is None else f'{100 * v:.1f} %'}" for d, v in shares.items())
+        )
+        plain = report["without_saver"]["test_at_drop_chosen_on_search"]
+        lines.append(
+            "- the same searches without a saver: " + ", ".join(f"<= {d} %: {landed(plain[d])}" for d in DROPS)
+        )
     if "numerics" in report or "build" in report:
         lines += ["", "## Build", ""]
         for step, numerics in report.get("numerics", {}).items():

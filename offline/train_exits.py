@@ -29,7 +29,7 @@ from dyce.hashing import state_dict_sha256
 from dyce.numerics import Numerics, Precision, choose_numerics
 
 from .data import load_split
-from .features import backbone_pass
+from .features import backbone_pass, save_teacher
 from .layout import OfflineLayout
 from .loading import batches
 from .provenance import current_inputs, write_step_manifest
@@ -178,6 +178,7 @@ def train_exits(
     start = time.perf_counter()
     pooled_positions = sorted({s.position for s in exits.all_specs() if _pooled(exits, s)})
     pooled, teacher, labels = pooled_features(backbone, dataset, pooled_positions)
+    save_teacher(layout, teacher)
     exits.train()
     train_on_pooled(exits, pooled, teacher, labels, recipe, generator, numerics)
     train_on_maps(backbone, exits, dataset, recipe, generator, numerics)

@@ -106,8 +106,12 @@ class DynamicBatcher:
         observers: list[BatchObserver] | None = None,
         capacity_images: int | None = None,
         capacity_bytes: int | None = None,
+        position_offset: int = 0,
     ) -> None:
+        """``position_offset``: how far a saver stage shifts the pipeline's positions; jobs and
+        reports carry backbone positions (-1: the saver), whatever runs in front."""
         self.pipeline = pipeline
+        self.position_offset = position_offset
         self.max_batch = pipeline.batch_size
         self.max_delay_s = max_delay_s
         self.max_wait_s = max_wait_s
@@ -268,6 +272,7 @@ class DynamicBatcher:
     def _deliver(self, admitted: list[Job], exited: list[ExitedSamples], started: float, finished: float) -> None:
         positions, costs, latencies = [], [], []
         for group in exited:
+            position = group.position - self.position_offset
             # job id -> (its rows, where they sit in this group); a job's rows need not be adjacent
             placement: dict[int, tuple[list[int], list[int]]] = {}
             for i, (job_id, row) in enumerate(group.tags):
@@ -281,13 +286,13 @@ class DynamicBatcher:
                     job.exit_positions = np.empty(job.size, dtype=np.int64)
                     job.relative_macs = np.empty(job.size, dtype=np.float64)
                 job.probabilities[rows] = group.probabilities[indices]
-                job.exit_positions[rows] = group.position
+                job.exit_positions[rows] = position
                 job.relative_macs[rows] = group.relative_macs
                 job.remaining -= len(rows)
                 if job.remaining == 0:
                     self._complete(self._inside.pop(job_id), finished)
                     latencies.append(finished - job.enqueued)
-            positions += [group.position] * len(group.tags)
+            positions += [position] * len(group.tags)
             costs += [group.relative_macs] * len(group.tags)
         report = BatchReport(
             admitted=sum(job.size for job in admitted),

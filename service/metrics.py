@@ -3,7 +3,7 @@
 Nothing in the model path imports this module: the batcher, the tier state and the
 autoswitcher publish events through plain callbacks, and ``Metrics`` subscribes to them.
 Labels stay bounded: routes are route templates, statuses are HTTP codes, positions are the
-backbone's N positions, reasons and actions are fixed vocabularies.
+backbone's N positions (plus "saver" for a saver stage in front), reasons and actions are fixed vocabularies.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import get_args
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from dyce.savers import backbone_position_label as position_label
 
 from .batcher import BatchReport
 from .runtime import SwitchReason
@@ -64,11 +66,11 @@ class Metrics:
         )
         self.model_ready = Gauge("dyce_model_ready", "1 once the model is loaded and warmed up", registry=r)
 
-    def model_loaded(self, num_positions: int) -> None:
+    def model_loaded(self, num_positions: int, saver_stage: bool = False) -> None:
         """Start every exit position and switch reason at 0: a series born with its first
         increment has no earlier sample, so Prometheus's rate() and increase() miss that step."""
-        for position in range(num_positions):
-            self.exits.labels(position=str(position))
+        for position in range(-1 if saver_stage else 0, num_positions):
+            self.exits.labels(position=position_label(position))
         for reason in SWITCH_REASONS:
             self.switches.labels(reason=reason)
 
@@ -80,7 +82,7 @@ class Metrics:
         for wait in report.queue_waits_s:
             self.queue_duration.observe(wait)
         for position, count in zip(*np.unique(report.exit_positions, return_counts=True), strict=True):
-            self.exits.labels(position=str(int(position))).inc(int(count))
+            self.exits.labels(position=position_label(int(position))).inc(int(count))
         for value in report.relative_macs:
             self.relative_macs.observe(float(value))
 

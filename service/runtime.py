@@ -19,12 +19,13 @@ from typing import Literal
 import torch
 from pydantic import ValidationError
 
-from dyce.artifacts import ArtifactLayout, load_backbone, load_bank_for, load_exits
+from dyce.artifacts import ArtifactLayout, LoadedModel, load_backbone, load_bank_for, load_exits, load_savers
 from dyce.bank import Bank, BankEntry, BankMismatchError
 from dyce.config import ExitConfiguration
 from dyce.execution_backends import OnnxRuntimeBackend
 from dyce.executor import EarlyExitExecutor, ExecutionResult
 from dyce.profile import Where, host_name
+from dyce.savers import attach_savers, backbone_position
 
 from .decode import ImageDecoder
 from .errors import BadRequest, NotFound, Unprocessable
@@ -211,14 +212,18 @@ class ModelRuntime:
             exits, self.exit_manifest = load_exits(layout)
         with _loading(str(layout.bank.name), f"search again with `dyce-offline build --artifacts {layout.root}`"):
             bank = load_bank_for(layout)  # BankMismatchError says which weights it was searched for
+        saver_manifest = None
+        if bank.saver_stage:  # the savers load only for a bank that uses a saver stage
+            with _loading(f"{layout.savers_manifest.name} / {layout.savers_weights.name}", rebuild):
+                savers, saver_manifest = load_savers(layout, backbone)
+                backbone, exits = attach_savers(backbone, exits, savers, [s.kind for s in saver_manifest.savers])
+        self.model = LoadedModel(backbone, exits, self.manifest, self.exit_manifest, saver_manifest)
         backend = None
         if settings.backend == "onnxruntime":
             onnx_dir = settings.onnx_dir or layout.root / "onnx"
             with _loading(str(onnx_dir), f"export again with `dyce-offline export-onnx --artifacts {layout.root}`"):
                 backend = OnnxRuntimeBackend(onnx_dir, torch.device(settings.device), settings.torch_threads or None)
-                backend.check_matches(
-                    self.manifest.identity, {(e.position, e.index): e.sha256 for e in self.exit_manifest.exits}
-                )
+                backend.check_matches(self.manifest.identity, self.model.exit_hashes())
         self.executor = EarlyExitExecutor(backbone, exits, bank.macs, device=settings.device, backend=backend)
         missing = self.unexported_exits(bank)
         if missing:
@@ -275,7 +280,20 @@ class ModelRuntime:
 
     @property
     def num_positions(self) -> int:
+        """Positions the executor runs: the backbone's, plus the saver stage when there is one."""
         return self.executor.num_positions
+
+    @property
+    def saver_stage(self) -> bool:
+        return self.model.saver_stage
+
+    @property
+    def backbone_positions(self) -> int:
+        return self.num_positions - (1 if self.saver_stage else 0)
+
+    def backbone_position(self, position: int) -> int:
+        """What clients and dashboards see: the backbone's position; -1 for the saver."""
+        return backbone_position(position, self.saver_stage)
 
     def run(self, images: torch.Tensor, config: ExitConfiguration) -> ExecutionResult:
         return self.executor.run(images, config=config)
@@ -306,7 +324,7 @@ class ModelRuntime:
         except (OSError, UnicodeDecodeError):
             raise Unprocessable(f"bank {target.name} rejected, the previous one keeps serving: unreadable") from None
         try:
-            bank.check_matches(self.manifest.identity, self.exit_manifest.identities())
+            self.model.check_bank(bank)
         except BankMismatchError as err:
             raise Unprocessable(f"bank {target.name} rejected, the previous one keeps serving: {err}") from None
         if bank.macs != self.executor.macs:

@@ -47,7 +47,9 @@ class Prediction(BaseModel):
 
 class ImageResult(BaseModel):
     predictions: list[Prediction] = Field(description="top-k, most probable first")
-    exit_position: int = Field(description="0-based segment after which the image left")
+    exit_position: int = Field(
+        description="0-based backbone segment after which the image left; -1: a saver answered, the backbone never ran"
+    )
     relative_macs: float = Field(description="MACs this image cost, relative to the plain backbone")
 
 
@@ -97,6 +99,9 @@ class BankEntryInfo(TierInfo):
     test_accuracy: float | None
     test_relative_macs: float | None
     expected_relative_latency: float | None = Field(None, description="latency banks: relative measured time")
+    expected_saver_share: float | None = Field(
+        None, description="banks with savers: share of images a saver answers (search split)"
+    )
 
 
 class CostInfo(BaseModel):
@@ -110,11 +115,20 @@ class CostInfo(BaseModel):
     )
 
 
+class SaverInfo(BaseModel):
+    index: int = Field(description="its k at position 0 of the configurations")
+    kind: str
+    relative_macs: float
+
+
 class BankInfo(BaseModel):
     model_config = ConfigDict(serialize_by_alias=True)
 
     backbone: str
-    num_positions: int
+    num_positions: int = Field(description="positions of every configuration: the saver stage (if any) counts")
+    savers: list[SaverInfo] = Field(
+        default_factory=list, description="with any, exits[0] of an entry is the saver it uses (0: none)"
+    )
     original_accuracy: dict[str, float]
     cost: CostInfo
     entries: list[BankEntryInfo]

@@ -73,7 +73,7 @@ class Service:
     async def load(self) -> None:
         if self.runtime is None:
             self.runtime = await asyncio.to_thread(ModelRuntime, self.settings)
-        self.metrics.model_loaded(self.runtime.num_positions)
+        self.metrics.model_loaded(self.runtime.backbone_positions, self.runtime.saver_stage)
         self.state = TierState(self.runtime.initial_bank, self.settings.autoswitch, [self._tier_changed])
         self.batcher = DynamicBatcher(
             EarlyExitPipeline(self.runtime.executor, self.settings.max_batch_size),
@@ -83,6 +83,7 @@ class Service:
             observers=[self.metrics.batch_done, self._count_request_tier],
             capacity_images=self.settings.queue_capacity_images,
             capacity_bytes=self.settings.queue_capacity_bytes,
+            position_offset=self.runtime.num_positions - self.runtime.backbone_positions,
         )
         self._image_bytes = 4 * math.prod(self.runtime.input_shape)  # one decoded float32 image
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)

@@ -104,9 +104,10 @@ def test_records_agree_with_plain_torchvision(imported):
 
 def test_build_keeps_what_was_made_on_purpose_and_finishes(imported):
     """`build` after the hand-run steps: the ImageFolder splits, the imported backbone and the
-    hand-run exits and search stay (their inputs did not change); only the missing report runs."""
+    hand-run exits and search stay (their inputs did not change); only the missing report runs.
+    (Without a saver: the build's default saver would be a new input of the records, rightly.)"""
     layout, _, _ = imported
-    result = CliRunner().invoke(app, ["--artifacts", str(layout.root), "build"])
+    result = CliRunner().invoke(app, ["--artifacts", str(layout.root), "build", "--no-saver"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["ran"] == ["report"]
     assert "kept: made by `dyce-offline import-backbone`" in " ".join(result.output.split())  # unwrap rich

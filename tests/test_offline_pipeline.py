@@ -26,7 +26,7 @@ from offline.train_exits import ExitRecipe, pooled_features, train_exits, train_
 
 SUBSET = 1200
 # Every step of the demo build, in the order it runs them (written out: the build must not lose one).
-BUILD_STEPS = ("data", "train-backbone", "train-exits", "record", "search", "report")
+BUILD_STEPS = ("data", "train-backbone", "train-exits", "train-saver", "record", "search", "report")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_a_backbone_retrained_by_hand_makes_every_later_step_rerun(built, tmp_pa
     new_weights = load_backbone(layout)[1].identity.weights_sha256
     assert new_weights != old_weights
     ran, output = _build(layout)
-    assert ran == ["train-exits", "record", "search", "report"]
+    assert ran == ["train-exits", "train-saver", "record", "search", "report"]
     assert "backbone changed" in output and "kept: made by `dyce-offline train-backbone`" in output
     bank = load_bank_for(layout)  # raises BankMismatchError if anything is left from the old backbone
     assert bank.backbone.weights_sha256 == new_weights
@@ -122,10 +122,13 @@ def test_records_round_trip_and_agree_with_the_backbone(built):
     backbone, backbone_manifest = load_backbone(built)
     exits, _ = load_exits(built)
     assert manifest.backbone == backbone_manifest.identity
-    assert manifest.num_candidates == tuple(exits.num_candidates)
+    # The demo build trains one saver: a saver stage with one candidate in front of the backbone.
+    assert manifest.num_candidates == (1, *exits.num_candidates)
+    assert [s.kind for s in manifest.savers] == ["cnn_small"]
     test = records["test"]
-    assert test.confidence.shape == (backbone.num_positions, 2, SUBSET // 2)
-    early = test.confidence[:-1]
+    assert test.confidence.shape == (backbone.num_positions + 1, 2, SUBSET // 2)
+    assert np.isnan(test.confidence[0, 1]).all()  # padding: the saver stage has one candidate
+    early = test.confidence[:-1][~np.isnan(test.confidence[:-1])]
     assert np.all((early >= 0.1 - 1e-6) & (early <= 1.0))  # max softmax of 10 classes
     accuracy = evaluate(backbone.model, load_split(built, "test", backbone_manifest.preprocess))
     assert test.original_accuracy == pytest.approx(accuracy)
@@ -175,6 +178,7 @@ def test_report_chooses_on_search_and_measures_on_test(built):
     assert {s: n["precision"] for s, n in report["numerics"].items()} == {
         "train-backbone": native,
         "train-exits": native,
+        "train-saver": native,
     }
     markdown = built.report_md.read_text()
     assert "Chosen on the search split, measured on the test split" in markdown and "chosen on test" in markdown
@@ -256,3 +260,91 @@ def test_latency_costed_search_uses_the_measured_profile(built, tmp_path):
     assert [s.relative_latency for s in frontier] == sorted(s.relative_latency for s in frontier)
     ran, _ = _build(layout)
     assert "search" not in ran
+
+
+def test_the_saver_is_recorded_searched_and_reported_with_and_without(built):
+    """The saver's records are what the saver itself says (run here directly on the test split);
+    the bank searched without the saver stage behaves, saver disabled, exactly like on the full
+    records; the report's saver figures are those of the saver and of the chosen entries."""
+    from dyce.artifacts import load_savers
+    from dyce.bank import Bank
+
+    backbone, backbone_manifest = load_backbone(built)
+    (saver,), saver_manifest = load_savers(built, backbone)
+    _, records = load_records(built)
+    dataset = load_split(built, "test", backbone_manifest.preprocess)
+    images, labels = dataset.tensors
+    with torch.no_grad():
+        probabilities = torch.softmax(saver(images), dim=1)
+    confidence, prediction = probabilities.max(dim=1)
+    np.testing.assert_allclose(records["test"].confidence[0, 0], confidence.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(records["test"].correct[0, 0], (prediction == labels).numpy())
+
+    bank = load_bank_for(built)
+    assert bank.saver_stage and bank.savers[0].sha256 == saver_manifest.savers[0].sha256
+    plain = Bank.load(built.bank_without_saver)
+    assert not plain.saver_stage and plain.num_positions == backbone.num_positions
+    for entry in plain.entries[::7]:
+        disabled = entry.config.model_copy(
+            update={"exits": (0, *entry.config.exits), "thresholds": (1.0, *entry.config.thresholds)}
+        )
+        on_full_records = simulate(records["test"], disabled, bank.macs)
+        assert entry.test.accuracy == on_full_records.accuracy
+        assert entry.test.relative_macs == pytest.approx(on_full_records.relative_macs)
+        assert on_full_records.exit_counts[0] == 0
+
+    report = json.loads(built.report_json.read_text())
+    (candidate,) = report["saver"]["candidates"]
+    assert candidate["accuracy"]["test"] == pytest.approx((prediction == labels).float().mean().item())
+    assert candidate["relative_macs"] < 0.1  # the issue's budget: well under 10% of the backbone
+    by_id = {e.config_id: e for e in bank.entries}
+    for drop, chosen in report["test_at_drop_chosen_on_search"].items():
+        share = simulate(records["test"], by_id[chosen["config_id"]].config, bank.macs).exit_rates[0]
+        assert report["saver"]["test_share_answered_at_drop_chosen_on_search"][drop] == pytest.approx(share)
+    assert set(report["without_saver"]["test_at_drop_chosen_on_search"]) == {"0.5", "2", "5"}
+
+
+def test_the_service_answers_with_the_saver_and_counts_it(built, fmnist_test_images):
+    """Served at the tier chosen on search for <= 0.5 % drop: exactly the images whose saver
+    confidence (the saver run here by hand) reaches the tier's threshold are answered at
+    position -1, the backbone's cost is not charged for them, and /metrics counts them as "saver"."""
+    import httpx
+    from PIL import Image
+
+    from dyce.artifacts import load_savers
+    from dyce.preprocess import FASHION_MNIST
+    from tests.conftest import LiveServer, metric_sum, png_bytes, scrape, service_settings
+
+    bank = load_bank_for(built)
+    report = json.loads(built.report_json.read_text())
+    chosen_id = report["test_at_drop_chosen_on_search"]["0.5"]["config_id"]
+    index = next(i for i, e in enumerate(bank.entries) if e.config_id == chosen_id)
+    config = bank.entries[index].config
+    assert config.exits[0] == 1, "the demo's saver must earn a place in the <= 0.5 % tier"
+    images = fmnist_test_images[0][:60]
+    (saver,), _ = load_savers(built, load_backbone(built)[0])
+    with torch.no_grad():
+        tensors = torch.stack([FASHION_MNIST.transform()(Image.fromarray(image)) for image in images])
+        confidence = torch.softmax(saver(tensors), dim=1).max(dim=1).values
+    answered_by_saver = (confidence >= config.thresholds[0]).numpy()
+    assert 0 < answered_by_saver.sum() < len(images)
+
+    with LiveServer(service_settings(built.root, autoswitch="manual", slo_p95_ms=60_000)) as server:
+        switched = httpx.post(f"{server.url}/admin/active", json={"index": index}, headers=server.admin(), timeout=30)
+        assert switched.status_code == 200, switched.text
+        before = metric_sum(scrape(server.url), "dyce_exits_total", position="saver")
+        positions, costs = [], []
+        for image in images:
+            files = {"file": ("x.png", png_bytes(image), "image/png")}
+            body = httpx.post(f"{server.url}/v1/classify", files=files, timeout=30).json()
+            positions.append(body["exit_position"])
+            costs.append(body["relative_macs"])
+        after = metric_sum(scrape(server.url), "dyce_exits_total", position="saver")
+        admin = httpx.get(f"{server.url}/admin/bank", headers=server.admin(), timeout=30).json()
+    positions = np.array(positions)
+    assert np.array_equal(positions == -1, answered_by_saver)
+    saver_cost = bank.macs.exit_macs[0][0] / bank.macs.total_macs
+    assert np.allclose(np.array(costs)[positions == -1], saver_cost)
+    assert after - before == answered_by_saver.sum()
+    assert [s["kind"] for s in admin["savers"]] == ["cnn_small"]
+    assert admin["entries"][index]["expected_saver_share"] == pytest.approx(bank.entries[index].search.exit_rates[0])

@@ -133,17 +133,18 @@ def test_hand_made_records_with_a_known_optimum():
 @pytest.mark.parametrize("seed", range(3))
 def test_iterative_stops_at_a_configuration_no_single_move_improves(seed):
     """Alg. 2's stopping rule, checked by brute force over every single-position move."""
-    records, macs = random_problem(seed, positions=4, kinds=2, samples=14)
-    problem = SearchProblem(records, macs)
-    found = iterative(problem, LAMBDAS)
-    for lam, config in found.items():
-        current = objective(records, macs, lam, config)
+    assert_iterative_stops_where_no_single_move_improves(*random_problem(seed, positions=4, kinds=2, samples=14))
+
+
+def assert_iterative_stops_where_no_single_move_improves(records: ExitRecords, costs: MacTable) -> None:
+    for lam, config in iterative(SearchProblem(records, costs), LAMBDAS).items():
+        current = objective(records, costs, lam, config)
         base = list(zip(config.exits[:-1], config.thresholds[:-1], strict=True))
         for n in range(records.num_positions - 1):
             for option in options(records, n):
                 moved = base.copy()
                 moved[n] = option
-                assert objective(records, macs, lam, config_of(moved)) >= current - 1e-12
+                assert objective(records, costs, lam, config_of(moved)) >= current - 1e-12
 
 
 def plain_iterative(problem: SearchProblem, lam: float) -> ExitConfiguration:

@@ -9,7 +9,17 @@ from fastapi import APIRouter, Depends
 from ..deps import ServiceDep, require_admin
 from ..errors import BadRequest, Unprocessable
 from ..runtime import Tier
-from ..schemas import ActiveInfo, BankEntryInfo, BankInfo, CostInfo, ModeRequest, ReloadRequest, SwitchRequest, TierInfo
+from ..schemas import (
+    ActiveInfo,
+    BankEntryInfo,
+    BankInfo,
+    CostInfo,
+    ModeRequest,
+    ReloadRequest,
+    SaverInfo,
+    SwitchRequest,
+    TierInfo,
+)
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -33,12 +43,17 @@ async def bank(service: ServiceDep) -> BankInfo:
                 test_accuracy=entry.test.accuracy if entry.test else None,
                 test_relative_macs=entry.test.relative_macs if entry.test else None,
                 expected_relative_latency=entry.search.relative_latency,
+                expected_saver_share=entry.search.exit_rates[0] if bank.saver_stage else None,
             )
         )
     runtime = service.runtime
     return BankInfo(
         backbone=bank.backbone.name,
         num_positions=bank.num_positions,
+        savers=[
+            SaverInfo(index=s.index, kind=s.kind, relative_macs=bank.macs.relative_exit(0, s.index))
+            for s in bank.savers
+        ],
         original_accuracy=bank.original_accuracy,
         cost=CostInfo(
             kind=bank.cost.kind,

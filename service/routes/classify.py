@@ -94,7 +94,7 @@ async def _serve(
     response.headers["x-config-id"] = result.tier.config_id
     response.headers["x-lambda"] = f"{result.tier.lam:g}"
     shared = {
-        "num_positions": service.runtime.num_positions,
+        "num_positions": service.runtime.backbone_positions,
         "tier": TierInfo.of(result.tier),
         "tier_source": "request" if served.requested else "active",
         "batch_size": result.batch_size,
