@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ROUTER_ERRORS, BodyTimeout, TooLarge, error_response, install_error_handlers
@@ -25,6 +28,40 @@ log = logging.getLogger("dyce.service")
 UNLIMITED_PREFIXES = ("/v2/health", "/metrics", "/admin")
 
 
+class FastRoute:
+    """A ``POST`` route the edge answers itself, past FastAPI's routing, dependency solving and
+    response validation (~0.3 ms of the event loop per request on a 2-core host).
+
+    Only requests with no query string come here: FastAPI's route keeps validating parameters,
+    with its own 422s. The answer is the route's own function, errors go to the app's own
+    exception handlers (what Starlette's ExceptionMiddleware would call), anything they do not
+    handle propagates as it would from the route, and ``scope["route"]`` is the route, so the
+    metrics count both paths as one.
+    """
+
+    def __init__(
+        self,
+        route: APIRoute,
+        answer: Callable[[Request], Awaitable[Response]],
+        handlers: dict[type[Exception], Callable[[Request, Any], Awaitable[Response]]],
+    ) -> None:
+        self.route = route
+        self.answer = answer
+        self.handlers = handlers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = self.route
+        request = Request(scope, receive, send)
+        try:
+            response = await self.answer(request)
+        except Exception as err:
+            handler = next((self.handlers[c] for c in type(err).__mro__ if c in self.handlers), None)
+            if handler is None:
+                raise
+            response = await handler(request, err)
+        await response(scope, receive, send)
+
+
 class ObserveRequests:
     """Pure ASGI middleware (cheaper than BaseHTTPMiddleware), the first thing a request meets:
 
@@ -37,10 +74,11 @@ class ObserveRequests:
     - the in-flight gauge, and one count + duration per answered request with its error reason.
     """
 
-    def __init__(self, app: ASGIApp, service: Service) -> None:
+    def __init__(self, app: ASGIApp, service: Service, fast_routes: dict[str, FastRoute] | None = None) -> None:
         self.app = app
         self.service = service
         self.in_flight = 0
+        self.fast_routes = fast_routes or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,6 +136,8 @@ class ObserveRequests:
             elif declared is not None and declared > limit:
                 response = error_response(413, "too_large", f"request body of {declared} bytes exceeds {limit} bytes")
                 await response(scope, receive, send_observed)
+            elif scope["method"] == "POST" and not scope["query_string"] and scope["path"] in self.fast_routes:
+                await self.fast_routes[scope["path"]](scope, receive_limited, send_observed)
             else:
                 await self.app(scope, receive_limited, send_observed)
         finally:
@@ -159,9 +199,32 @@ def create_app(settings: Settings, runtime: ModelRuntime | None = None) -> FastA
     # The OpenAPI document lists each router's refusals with their real body (schemathesis checks it).
     for module in (classify, v2, admin, metrics):
         app.include_router(module.router, responses=ROUTER_ERRORS.get(module.router.prefix))
-    app.add_middleware(ObserveRequests, service=service)
+    app.add_middleware(ObserveRequests, service=service, fast_routes=_fast_routes(app, service))
     _document_settings(app, settings)
     return app
+
+
+def _fast_routes(app: FastAPI, service: Service) -> dict[str, FastRoute]:
+    """The request paths of the hot routes, each with its route and its answer."""
+    # The routers' own APIRoute objects: what FastAPI puts in scope["route"] for these paths.
+    routes = {r.path: r for module in (classify, v2) for r in module.router.routes if isinstance(r, APIRoute)}
+    # What Starlette's ExceptionMiddleware handles; Exception itself is ServerErrorMiddleware's.
+    handlers = {key: h for key, h in app.exception_handlers.items() if isinstance(key, type) and key is not Exception}
+    model = service.settings.model_name
+
+    def route(path: str, answer: Callable[[Request], Awaitable[Response]]) -> FastRoute:
+        return FastRoute(routes[path], answer, handlers)
+
+    return {
+        "/v1/classify": route("/v1/classify", lambda r: classify.classify_one(r, service, classify.ClassifyQuery())),
+        "/v1/classify/batch": route(
+            "/v1/classify/batch", lambda r: classify.classify_many(r, service, classify.ClassifyQuery())
+        ),
+        f"/v2/models/{model}/infer": route("/v2/models/{name}/infer", lambda r: v2.infer(r, service, model)),
+        f"/v2/models/{model}/versions/{v2.VERSION}/infer": route(
+            "/v2/models/{name}/versions/{version}/infer", lambda r: v2.infer(r, service, model, v2.VERSION)
+        ),
+    }
 
 
 def _document_settings(app: FastAPI, settings: Settings) -> None:

@@ -15,6 +15,13 @@ from collections.abc import Iterator
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2.functional import (
+    center_crop_image,
+    pil_to_tensor,
+    resize_image,
+    to_dtype_image,
+)
 
 from dyce.preprocess import PreprocessSpec
 
@@ -52,7 +59,16 @@ class ImageDecoder:
     """
 
     def __init__(self, preprocess: PreprocessSpec, max_pixels: int, max_side: int, max_aspect_ratio: float) -> None:
-        self.transform = preprocess.transform()
+        # ``preprocess.transform()`` is the definition; ``tensor`` calls the same torchvision
+        # kernels in the same order without the v2 Compose, whose per-call dispatch cost 6x the
+        # kernels themselves on a 28x28 image (~170 of ~200 µs, on the event loop). Tests check
+        # both agree bit for bit.
+        self.mode = preprocess.pil_mode
+        self.resize = [preprocess.resize]
+        self.crop = [preprocess.crop]
+        self.interpolation = InterpolationMode(preprocess.interpolation)
+        self.mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(preprocess.std, dtype=torch.float32).view(-1, 1, 1)
         self.max_pixels = max_pixels
         self.max_side = max_side
         self.max_aspect_ratio = max_aspect_ratio
@@ -91,7 +107,12 @@ class ImageDecoder:
         """Decode the pixels of an opened image -> normalised (C, H, W) float tensor."""
         with _image_errors(), image:
             image.load()
-            return self.transform(image)
+            rgb_or_grey = image.convert(self.mode) if image.mode != self.mode else image
+            pixels = pil_to_tensor(rgb_or_grey)
+            pixels = resize_image(pixels, self.resize, interpolation=self.interpolation, antialias=True)
+            pixels = center_crop_image(pixels, self.crop)
+            # normalize_image's own arithmetic (sub, then div) with the mean and std made once
+            return to_dtype_image(pixels, torch.float32, scale=True).sub_(self.mean).div_(self.std)
 
     def __call__(self, data: bytes) -> torch.Tensor:
         return self.tensor(self.open(data))

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from dyce.pipeline import EarlyExitPipeline
 
 from .autoswitch import Autoswitcher, CostModel
-from .batcher import BatchReport, DynamicBatcher, JobResult, Reservation
+from .batcher import BatchObserver, BatchReport, DynamicBatcher, JobResult, Reservation
 from .decode import pixels
 from .errors import BadRequest, ClientGone, NotReady, Timeout
 from .metrics import Metrics
@@ -68,6 +68,7 @@ class Service:
         self.batcher: DynamicBatcher | None = None
         self.autoswitcher: Autoswitcher | None = None
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="dyce-decode")
+        self._batch_observers: list[BatchObserver] = [self.metrics.batch_done, self._count_request_tier]
 
     # Life cycle ---------------------------------------------------------------------------
     async def load(self) -> None:
@@ -80,7 +81,7 @@ class Service:
             max_delay_s=self.settings.max_queue_delay_ms / 1e3,
             max_wait_s=self.settings.max_pipeline_wait_ms / 1e3,
             capacity=self.settings.queue_capacity,
-            observers=[self.metrics.batch_done, self._count_request_tier],
+            observers=[self._observe_after_answers],
             capacity_images=self.settings.queue_capacity_images,
             capacity_bytes=self.settings.queue_capacity_bytes,
             position_offset=self.runtime.num_positions - self.runtime.backbone_positions,
@@ -99,7 +100,7 @@ class Service:
         self.autoswitcher = Autoswitcher(
             self.settings, state, costs, lambda: self.batcher.queued_images, [self._count_decision]
         )
-        self.batcher.observers.append(self.autoswitcher.batch_done)
+        self._batch_observers.append(self.autoswitcher.batch_done)
         self.batcher.start(on_death=lambda: self.fail("the inference worker (batcher) stopped"))
         self.autoswitcher.start()
         self.ready = True
@@ -137,6 +138,20 @@ class Service:
         self.metrics.active_lambda.set(active.tier.lam)
         if active.reason != "startup":
             self.metrics.switches.labels(reason=active.reason).inc()
+
+    def _observe_after_answers(self, report: BatchReport) -> None:
+        # The batcher reports a step before the handlers it answered resume; scheduled after them,
+        # the bookkeeping (histograms, exit counts, the autoswitcher's window: ~0.2 ms a step)
+        # comes after their responses are written instead of before. It still runs before any
+        # request the loop reads later, so a scrape that follows an answer sees its step.
+        asyncio.get_running_loop().call_soon(self._observe, report)
+
+    def _observe(self, report: BatchReport) -> None:
+        for observer in self._batch_observers:
+            try:
+                observer(report)
+            except Exception:  # bookkeeping must never stop serving
+                log.exception("batch observer %r failed", observer)
 
     def _count_request_tier(self, report: BatchReport) -> None:
         if report.overrides:
@@ -194,17 +209,32 @@ class Service:
         tier, requested = admission.tier, admission.requested
         job = self.batcher.submit(images, tier, admission.overrides_active, admission.reservation)
         remaining = self.settings.request_timeout_s - (time.perf_counter() - arrived)
+        left = False
+
+        def client_left(_: asyncio.Future[None]) -> None:
+            nonlocal left
+            if not job.future.done():
+                left = True
+                job.future.cancel()
+
+        # The handler awaits the job's own future, so the answer wakes it directly; asyncio.wait
+        # would add a callback hop, after the batch's bookkeeping instead of before it.
         gone = asyncio.ensure_future(_disconnected(request))
+        gone.add_done_callback(client_left)
         try:
-            done, _ = await asyncio.wait({job.future, gone}, timeout=max(remaining, 0), return_when="FIRST_COMPLETED")
+            async with asyncio.timeout(max(remaining, 0)):
+                result = await job.future
+        except TimeoutError:
+            # the deadline cancelled the future: still queued, the batcher skips it; running, its rows are discarded
+            raise Timeout(f"no answer within the {self.settings.request_timeout_s:g} s request timeout") from None
+        except asyncio.CancelledError:
+            if left:
+                raise ClientGone("client disconnected before the answer was ready") from None
+            raise
         finally:
+            gone.remove_done_callback(client_left)
             gone.cancel()
-        if job.future in done:
-            return Served(job.future.result(), requested, time.perf_counter() - arrived)
-        job.future.cancel()  # still queued: the batcher skips it; running: its rows are discarded
-        if gone in done:
-            raise ClientGone("client disconnected before the answer was ready")
-        raise Timeout(f"no answer within the {self.settings.request_timeout_s:g} s request timeout")
+        return Served(result, requested, time.perf_counter() - arrived)
 
 
 async def _disconnected(request: Request) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
@@ -13,7 +14,7 @@ from ..decode import check_media_type
 from ..deps import ServiceDep
 from ..errors import BadRequest, ServiceError
 from ..schemas import BatchClassification, Classification, ImageResult, TierInfo, Timings, image_results
-from ..serving import Served
+from ..serving import Served, Service
 
 router = APIRouter(prefix="/v1", tags=["classify"])
 
@@ -71,11 +72,17 @@ class ClassifyQuery:
     max_relative_macs: MacBudget = None
 
 
-ClassifyQueryDep = Annotated[ClassifyQuery, Depends()]
+async def classify_query(top_k: TopK = None, lam: Lambda = None, max_relative_macs: MacBudget = None) -> ClassifyQuery:
+    # A coroutine, not the dataclass itself as the dependency: FastAPI would build that in its
+    # thread pool, a thread hop per request.
+    return ClassifyQuery(top_k, lam, max_relative_macs)
+
+
+ClassifyQueryDep = Annotated[ClassifyQuery, Depends(classify_query)]
 
 
 async def _serve(
-    request: Request, response: Response, service: ServiceDep, query: ClassifyQuery, max_files: int
+    request: Request, headers: dict[str, str], service: Service, query: ClassifyQuery, max_files: int
 ) -> tuple[Served, list[ImageResult], dict[str, Any]]:
     """Read, decode, queue and wait; returns the answer, per-image results and the shared fields."""
     arrived = request.state.arrived  # set by the edge middleware, before the body was read
@@ -88,11 +95,11 @@ async def _serve(
         queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3, total_ms=served.total_s * 1e3
     )
     # Named like text-embeddings-inference's, in milliseconds.
-    response.headers["x-queue-time"] = f"{timings.queue_ms:.3f}"
-    response.headers["x-inference-time"] = f"{timings.inference_ms:.3f}"
-    response.headers["x-total-time"] = f"{timings.total_ms:.3f}"
-    response.headers["x-config-id"] = result.tier.config_id
-    response.headers["x-lambda"] = f"{result.tier.lam:g}"
+    headers["x-queue-time"] = f"{timings.queue_ms:.3f}"
+    headers["x-inference-time"] = f"{timings.inference_ms:.3f}"
+    headers["x-total-time"] = f"{timings.total_ms:.3f}"
+    headers["x-config-id"] = result.tier.config_id
+    headers["x-lambda"] = f"{result.tier.lam:g}"
     shared = {
         "num_positions": service.runtime.backbone_positions,
         "tier": TierInfo.of(result.tier),
@@ -104,14 +111,31 @@ async def _serve(
     return served, results, shared
 
 
+def _json(answer: BaseModel, headers: dict[str, str]) -> Response:
+    # Serialised once, by the model that was just built: returned as a Response, FastAPI does not
+    # validate it against the response model again (the OpenAPI document still declares it).
+    return Response(answer.model_dump_json(), media_type="application/json", headers=headers)
+
+
+async def classify_one(request: Request, service: Service, query: ClassifyQuery) -> Response:
+    """The answer of ``POST /v1/classify``, for its route and for the edge's fast path alike."""
+    headers: dict[str, str] = {}
+    _, (result,), shared = await _serve(request, headers, service, query, max_files=1)
+    headers["x-exit-position"] = str(result.exit_position)
+    return _json(Classification(**result.model_dump(), **shared), headers)
+
+
+async def classify_many(request: Request, service: Service, query: ClassifyQuery) -> Response:
+    """The answer of ``POST /v1/classify/batch``, for its route and for the edge's fast path alike."""
+    headers: dict[str, str] = {}
+    _, results, shared = await _serve(request, headers, service, query, service.settings.max_batch_size)
+    return _json(BatchClassification(results=results, **shared), headers)
+
+
 @router.post("/classify", response_model=Classification, openapi_extra=IMAGE_BODY)
-async def classify(
-    request: Request, response: Response, service: ServiceDep, query: ClassifyQueryDep
-) -> Classification:
+async def classify(request: Request, service: ServiceDep, query: ClassifyQueryDep) -> Response:
     """Classify one image (raw ``image/png|jpeg|webp`` body, or multipart ``file``)."""
-    _, (result,), shared = await _serve(request, response, service, query, max_files=1)
-    response.headers["x-exit-position"] = str(result.exit_position)
-    return Classification(**result.model_dump(), **shared)
+    return await classify_one(request, service, query)
 
 
 BATCH_BODY = {
@@ -140,9 +164,6 @@ BATCH_BODY = {
 
 
 @router.post("/classify/batch", response_model=BatchClassification, openapi_extra=BATCH_BODY)
-async def classify_batch(
-    request: Request, response: Response, service: ServiceDep, query: ClassifyQueryDep
-) -> BatchClassification:
+async def classify_batch(request: Request, service: ServiceDep, query: ClassifyQueryDep) -> Response:
     """Classify several images (multipart, one ``files`` part each); all run under one tier."""
-    _, results, shared = await _serve(request, response, service, query, service.settings.max_batch_size)
-    return BatchClassification(results=results, **shared)
+    return await classify_many(request, service, query)
