@@ -82,7 +82,9 @@ def train_on_pooled(
     heads = [(s.position, exits.exit(s.position, s.index).mlp) for s in exits.all_specs() if _pooled(exits, s)]
     if not heads:
         return
-    optimiser = torch.optim.Adam([p for _, mlp in heads for p in mlp.parameters()], lr=recipe.lr)
+    # fused: one kernel over all ~30M exit parameters instead of a pass per tensor; the MLPs are
+    # small, so the optimiser step is a third of each training step otherwise (same arithmetic).
+    optimiser = torch.optim.Adam([p for _, mlp in heads for p in mlp.parameters()], lr=recipe.lr, fused=True)
     m = len(labels)
     for epoch in range(recipe.epochs):
         permutation = torch.randperm(m, generator=generator).to(labels.device)
@@ -118,7 +120,7 @@ def train_on_maps(
     device = str(next(backbone.parameters()).device)
     numerics = numerics or choose_numerics(recipe.precision, device)
     modules = [exits.exit(s.position, s.index) for s in general]
-    optimiser = torch.optim.Adam([p for module in modules for p in module.parameters()], lr=recipe.lr)
+    optimiser = torch.optim.Adam([p for module in modules for p in module.parameters()], lr=recipe.lr, fused=True)
     for epoch in range(recipe.epochs):
         loader = batches(dataset, recipe.batch_size, device, shuffle=True, generator=generator)
         for images, labels in tqdm(loader, desc=f"map exits epoch {epoch + 1}/{recipe.epochs}", leave=False):

@@ -97,7 +97,7 @@ def distil(
     device = torch.device(numerics.device)
     saver.to(device, memory_format=torch.channels_last).train()
     teacher = teacher.to(device)
-    optimiser = torch.optim.AdamW(saver.parameters(), lr=recipe.max_lr, weight_decay=recipe.weight_decay)
+    optimiser = torch.optim.AdamW(saver.parameters(), lr=recipe.max_lr, weight_decay=recipe.weight_decay, fused=True)
     steps = recipe.epochs * num_batches(dataset, recipe.batch_size, drop_last=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=recipe.max_lr, total_steps=steps)
     data = indexed(dataset)

@@ -168,8 +168,12 @@ def test_dashboard_is_importable_as_is():
         assert p["targets"], p["title"]
         for target in p["targets"]:
             assert target["datasource"] == p["datasource"] and target["expr"].strip(), p["title"]
-    exit_panels = [p for p in data_panels if "dyce_exits_total" in p["targets"][0]["expr"]]
+    exit_panels = [
+        p for p in data_panels if "dyce_exits_total" in p["targets"][0]["expr"] and p["type"] == "timeseries"
+    ]
     assert [p["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] for p in exit_panels] == ["normal"]
+    (saver_share,) = [p for p in data_panels if 'position="saver"' in p["targets"][0]["expr"]]
+    assert saver_share["fieldConfig"]["defaults"]["unit"] == "percentunit"
 
     providers = yaml.safe_load(DASHBOARD_PROVIDERS.read_text())["providers"]
     assert [p["options"]["path"] for p in providers] == ["/var/lib/grafana/dashboards"]
