@@ -131,7 +131,9 @@ def plot(
         for acc, cost, kind in standalone_exits(records[split], bank):
             saver = kind in {s.kind for s in bank.savers}
             colour = "tab:purple" if saver else "tab:green"
-            ax.scatter(cost, acc, s=40 if saver else 10, marker="P" if saver else "x", color=colour, alpha=0.8)
+            ax.scatter(
+                cost, acc, s=40 if saver else 10, marker="P" if saver else "x", color=colour, alpha=0.8, zorder=4
+            )
         ax.scatter([], [], marker="x", color="tab:green", label="standalone exits")
         if bank.savers:
             ax.scatter([], [], marker="P", color="tab:purple", label="savers alone")

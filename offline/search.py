@@ -107,7 +107,8 @@ def single_pass(problem: SearchProblem, lams: Sequence[float], progress: bool = 
 
 def baseline(problem: SearchProblem, lams: Sequence[float]):
     """The paper's baseline: the same exit type at every early position and one threshold t
-    shared by all of them; per lambda, the best type and the exact best t.
+    shared by all of them; per lambda, the best type and the exact best t. With a saver stage,
+    the saver takes part under every type, at the same threshold.
 
     For one type, as t falls a sample's exit position moves only when t passes a confidence that
     beats every earlier position's (a prefix maximum along the positions): each such event moves
@@ -116,11 +117,16 @@ def baseline(problem: SearchProblem, lams: Sequence[float]):
     """
     n_pos, m = problem.num_positions, problem.num_samples
     best: dict[float, tuple[float, ExitConfiguration]] = {}
-    for k in range(1, min(problem.num_candidates[:-1]) + 1):
-        conf = problem.records.confidence[: n_pos - 1, k - 1]
-        correct = np.vstack([problem.records.correct[: n_pos - 1, k - 1], problem.final_correct[None]])
-        exits = np.full(n_pos, k, dtype=np.int64)
-        exits[-1] = 1
+    counts = np.asarray(problem.num_candidates[:-1], dtype=np.int64)
+    rows = np.arange(n_pos - 1)
+    for k in range(1, int(counts.max(initial=0)) + 1):
+        # A position with fewer candidates uses its last one (a saver stage with one saver takes
+        # part under every type); a position without candidates never exits.
+        chosen = np.minimum(k, counts)
+        column = np.maximum(chosen, 1) - 1
+        conf = np.where((chosen > 0)[:, None], problem.records.confidence[rows, column], -np.inf).astype(np.float32)
+        correct = np.vstack([problem.records.correct[rows, column], problem.final_correct[None]])
+        exits = np.append(chosen, 1)
         path = np.cumsum(problem.step_macs(exits))
         earlier_max = np.vstack([np.full((1, m), -np.inf, np.float32), np.maximum.accumulate(conf, axis=0)[:-1]])
         record = conf > earlier_max

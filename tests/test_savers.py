@@ -30,11 +30,14 @@ from dyce.savers import attach_savers, build_saver
 from dyce.simulate import ExitRecords, exit_positions, simulate
 from offline.export_onnx import export_onnx
 from offline.objective import SearchProblem
-from offline.search import iterative, single_pass
+from offline.search import baseline, iterative, single_pass
 from tests.core_helpers import demo_parts, quantile_config, records_for
 from tests.test_offline_search import (
+    LAMBDAS,
     assert_iterative_stops_where_no_single_move_improves,
     assert_searches_reach_brute_force,
+    config_of,
+    objective,
     random_problem,
 )
 
@@ -160,6 +163,24 @@ def test_searches_reach_the_brute_force_optimum_choosing_among_savers(seed):
 def test_iterative_with_a_saver_stops_where_no_single_move_improves(seed):
     records, macs = random_problem(seed, positions=4, kinds=2, samples=14)
     assert_iterative_stops_where_no_single_move_improves(records, free_saver_stage(macs))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_baseline_with_a_saver_is_the_best_shared_type_and_threshold(seed):
+    """One saver in front, two exit types behind: under either type the saver takes part, at the
+    shared threshold; brute force over every type and every recorded threshold agrees."""
+    records, macs = random_problem(seed, positions=4, kinds=2, samples=14)
+    confidence, correct = records.confidence.copy(), records.correct.copy()
+    confidence[0, 1], correct[0, 1] = np.nan, False  # the saver stage has one candidate
+    records = ExitRecords(confidence, correct, (1, 2, 2, 1))
+    costs = free_saver_stage(macs)
+    shared = [ExitConfiguration.final_only(4)]
+    for k in (1, 2):
+        levels = np.unique(np.concatenate([confidence[0, 0], confidence[1:3, k - 1].ravel()]))
+        shared += [config_of([(1, float(t)), (k, float(t)), (k, float(t))]) for t in levels]
+    for lam, config in baseline(SearchProblem(records, costs), LAMBDAS).items():
+        best = min(objective(records, costs, lam, c) for c in shared)
+        assert objective(records, costs, lam, config) == pytest.approx(best, abs=1e-12)
 
 
 def test_a_saver_right_on_the_easy_half_is_used_there_and_only_there():
