@@ -33,7 +33,16 @@ import typer
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
-from serving_harness import ServerProcess, drop_tier, fashion_mnist_pngs, load_bank, percentile_ms
+from serving_harness import (
+    ARTIFACTS,
+    MAX_DROP,
+    TORCH_THREADS,
+    drop_tier,
+    fashion_mnist_pngs,
+    load_bank,
+    measured_server,
+    percentile_ms,
+)
 
 from dyce.pipeline import EarlyExitPipeline
 from service.runtime import ModelRuntime
@@ -163,14 +172,14 @@ async def served_load(
 
 
 def main(
-    artifacts: Path = typer.Option(Path("artifacts"), help="artefacts built by `dyce-offline build`"),
-    max_drop: float = typer.Option(0.005, help="accuracy drop (relative to the best entry) of the cheaper tier"),
+    artifacts: Path = ARTIFACTS,
+    max_drop: float = MAX_DROP,
     requests: int = typer.Option(300, help="sequential batch-1 requests per tier"),
     seconds: float = typer.Option(6.0, help="duration of each load phase"),
     concurrency: int = typer.Option(16, help="closed-loop clients under load"),
     max_batch_size: int = typer.Option(32, help="the server's max batch, and the bare executor's batch"),
     images_per_request: int = typer.Option(8, help="images per request under load (/v1/classify/batch)"),
-    torch_threads: int = typer.Option(1, help="intra-op threads, in-process and in the server alike"),
+    torch_threads: int = TORCH_THREADS,
 ) -> None:
     bank = load_bank(artifacts)
     top, drop = bank.most_accurate(), drop_tier(bank, max_drop)
@@ -191,18 +200,7 @@ def main(
         figures[name]["bare_throughput"] = bare_throughput(runtime, pngs, config, max_batch_size, seconds / 2)
         figures[name]["pipeline_throughput"] = pipeline_throughput(runtime, pngs, config, max_batch_size, seconds / 2)
 
-    server = ServerProcess(
-        artifacts,
-        OUT / "serve-server.log",
-        autoswitch="manual",
-        torch_threads=torch_threads,
-        max_batch_size=max_batch_size,
-        queue_capacity=4096,
-        # This bench measures what serving costs, not admission: a latency objective no closed
-        # loop of 16 clients reaches, so every request is served (admission applies when pinned too).
-        slo_p95_ms=60_000,
-    )
-    with server:
+    with measured_server(artifacts, OUT / "serve-server.log", torch_threads, max_batch_size) as server:
         floor_p50_ms = percentile_ms(http_floor(server.url, requests), 50)
         for name, index in track(list(tiers.items()), description="serving", console=console):
             server.pin(index)

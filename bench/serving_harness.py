@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import typer
 from PIL import Image
 
 from dyce.artifacts import ArtifactLayout, load_bank_for
@@ -22,6 +23,7 @@ from dyce.bank import Bank
 from offline.data import read_idx
 
 FASHION_MNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def fashion_mnist_pngs(count: int) -> list[bytes]:
@@ -45,7 +47,7 @@ def drop_tier(bank: Bank, max_drop: float) -> int:
     return bank.reaching_accuracy(best * (1 - max_drop))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with contextlib.closing(socket.socket()) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -57,7 +59,7 @@ class ServerProcess:
     def __init__(self, artifacts: Path, log_path: Path, **settings: object) -> None:
         self.log_path = log_path
         self.token = secrets.token_urlsafe(24)
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **os.environ,
@@ -105,6 +107,39 @@ class ServerProcess:
 
     def pin(self, index: int) -> dict:
         return self.admin("POST", "/admin/active", json={"index": index})
+
+
+# Options the serving benches share, so the same flag means the same thing in each.
+ARTIFACTS = typer.Option(Path("artifacts"), help="artefacts built by `dyce-offline build`")
+MAX_DROP = typer.Option(0.005, help="accuracy drop (relative to the best entry) of the cheaper tier")
+TORCH_THREADS = typer.Option(1, help="intra-op threads, in every process that runs the model")
+
+
+def measured_server(artifacts: Path, log_path: Path, torch_threads: int, max_batch_size: int) -> ServerProcess:
+    """``dyce-serve`` as the throughput benches run it: tiers pinned by hand, a deep queue, and a
+    latency objective no closed loop reaches, so it measures serving, not admission (which
+    applies to pinned tiers too)."""
+    settings = {"autoswitch": "manual", "queue_capacity": 4096, "slo_p95_ms": 60_000}
+    return ServerProcess(artifacts, log_path, torch_threads=torch_threads, max_batch_size=max_batch_size, **settings)
+
+
+def cpu_summary() -> dict[str, object]:
+    flags: set[str] = set()
+    model = "unknown"
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            key, _, value = line.partition(":")
+            if key.strip() == "flags" and not flags:
+                flags = set(value.split())
+            elif key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+    return {"model": model, "cores": os.cpu_count(), **{flag: flag in flags for flag in CPU_FLAGS}}
+
+
+def gpu_summary() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
 
 
 def percentile_ms(seconds: list[float], q: float) -> float:

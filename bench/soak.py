@@ -30,11 +30,10 @@ import httpx
 import typer
 from measure import print_rows
 from rich.console import Console
-from serving_harness import ServerProcess, fashion_mnist_pngs, load_bank
+from serving_harness import ServerProcess, cpu_summary, fashion_mnist_pngs, gpu_summary, load_bank
 
 console = Console(stderr=True)
 OUT = Path(__file__).parent / "out"
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def rss_mb(pid: int) -> float:
@@ -43,25 +42,6 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def cpu_summary() -> dict[str, object]:
-    flags: set[str] = set()
-    model = "unknown"
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            key, _, value = line.partition(":")
-            if key.strip() == "flags" and not flags:
-                flags = set(value.split())
-            elif key.strip() == "model name" and model == "unknown":
-                model = value.strip()
-    return {"model": model, "cores": os.cpu_count(), **{flag: flag in flags for flag in CPU_FLAGS}}
-
-
-def gpu_summary() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
 
 
 class Load:

@@ -1,0 +1,299 @@
+"""This service against LitServe serving the plain backbone, both driven by ``hey``.
+
+LitServe (a dev dependency, for this bench only) serves the artefacts' backbone with no exit at
+all: ``dyce.artifacts.load_backbone``, the service's own image decoder (the same per-image work
+as ours, so the comparison is about serving and early exit, not decoding), softmax and the top-5
+labels; one inference worker, one API server, requests batched up to ``--max-batch-size``
+images, ``--torch-threads`` like ours. ``dyce-serve`` runs pinned through the admin API, first to
+the top tier, then to the cheapest tier within ``--max-drop`` of it (bench/serve.py's tiers), with
+a latency objective no closed loop reaches, so it measures serving, not admission.
+
+Load: ``--concurrency`` closed-loop clients, one ``hey`` process each, so every client sends its
+own Fashion-MNIST image and the exits taken are a sample, not one image's. One PNG per request as
+multipart ``file`` (``/v1/classify``, LitServe's ``/predict``), then ``--images`` PNGs per request
+as multipart ``files`` (``/v1/classify/batch``; LitServe's ``/predict`` with the same body, whole
+requests batched up to the same number of images). Each phase runs ``--warmup`` seconds unmeasured,
+then ``--seconds`` measured; latencies are hey's, at the client.
+
+Last line: JSON with ``top_over_litserve_1img``, ``drop_over_litserve_1img``,
+``drop_over_top_1img``, ``served_over_predicted_gain_8img`` (images/s drop over top with
+``--images`` per request, over the bank's predicted gain), and per server and request size the
+requests/s, images/s, p50/p95/p99 and non-200 answers; the load average before each phase and the
+host (CPU flags, GPU). On a loaded host LitServe's processes starve first: measure on a quiet one.
+
+Run: python bench/peers.py [--artifacts artifacts] [--seconds 10] [--concurrency 32]
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import litserve as ls
+import numpy as np
+import torch
+import typer
+from measure import print_rows
+from rich.console import Console
+from serving_harness import (
+    ARTIFACTS,
+    MAX_DROP,
+    TORCH_THREADS,
+    cpu_summary,
+    drop_tier,
+    fashion_mnist_pngs,
+    free_port,
+    gpu_summary,
+    load_bank,
+    measured_server,
+)
+
+from dyce.artifacts import ArtifactLayout, load_backbone
+from service.decode import ImageDecoder
+
+console = Console(stderr=True)
+OUT = Path(__file__).parent / "out"
+Body = tuple[bytes, str]  # content, content type
+
+
+def multipart(pngs: list[bytes], field: str) -> Body:
+    files = [(field, (f"{i}.png", png, "image/png")) for i, png in enumerate(pngs)]
+    request = httpx.Request("POST", "http://x/", files=files)
+    return request.read(), request.headers["content-type"]
+
+
+# LitServe side ---------------------------------------------------------------------------------
+class PlainBackbone(ls.LitAPI):
+    """The artefacts' backbone, every image through every layer. Module level: LitServe pickles
+    it into its inference worker."""
+
+    def __init__(self, artifacts: Path, threads: int, **options: object) -> None:
+        super().__init__(**options)
+        self.artifacts, self.threads = artifacts, threads
+
+    def setup(self, device: str) -> None:
+        torch.set_num_threads(self.threads)
+        self.model, manifest = load_backbone(ArtifactLayout(self.artifacts))
+        self.model.eval()
+        self.labels = manifest.labels
+        self.decoder = ImageDecoder(manifest.preprocess, 4096 * 4096, 8192, 16.0)
+        self.sizes: list[int] = []
+
+    def decode_request(self, request):  # a starlette FormData
+        parts = [*request.getlist("file"), *request.getlist("files")]
+        return torch.stack([self.decoder(part.file.read()) for part in parts])
+
+    def batch(self, inputs):
+        self.sizes = [x.shape[0] for x in inputs]
+        return torch.cat(inputs)
+
+    def predict(self, x):
+        with torch.inference_mode():
+            return torch.softmax(self.model(x), dim=1)
+
+    def unbatch(self, output):
+        return list(output.split(self.sizes))
+
+    def encode_response(self, probabilities):
+        top = torch.topk(probabilities, min(5, probabilities.shape[1]), dim=1)
+        results = [
+            {
+                "predictions": [
+                    {"label": self.labels[c], "class_index": c, "probability": p}
+                    for p, c in zip(values, classes, strict=True)
+                ]
+            }
+            for values, classes in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        ]
+        return results[0] if len(results) == 1 else {"results": results}
+
+
+def run_litserve(artifacts: Path, port: int, max_batch_requests: int, batch_timeout: float, threads: int) -> None:
+    """Runs in its own process (``--serve-litserve``): one API server, one inference worker."""
+    api = PlainBackbone(artifacts, threads, max_batch_size=max_batch_requests, batch_timeout=batch_timeout)
+    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=30)
+    server.run(host="127.0.0.1", port=port, num_api_servers=1, generate_client_file=False, log_level="warning")
+
+
+class LitServeProcess:
+    """``--serve-litserve`` in a session of its own: LitServe forks workers, the group is stopped."""
+
+    def __init__(self, artifacts: Path, log_path: Path, max_batch_requests: int, batch_timeout: float, threads: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.command = [
+            sys.executable, __file__, "--serve-litserve", str(self.port), "--artifacts", str(artifacts),
+            "--litserve-batch-requests", str(max_batch_requests), "--litserve-batch-timeout", str(batch_timeout),
+            "--torch-threads", str(threads),
+        ]  # fmt: skip
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> LitServeProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"LitServe exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError("LitServe did not become ready")
+
+    def __exit__(self, *_: object) -> None:
+        if self.process is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # LitServe's worker processes share the session: make sure none outlives the bench.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# Load ------------------------------------------------------------------------------------------
+def hey(url: str, bodies: list[Body], seconds: float, scratch: Path, images: int) -> dict[str, float]:
+    """One ``hey`` per body (one closed-loop client each), all at once; figures from their CSVs."""
+    procs = []
+    for i, (content, content_type) in enumerate(bodies):
+        path = scratch / f"body-{i}.bin"
+        path.write_bytes(content)
+        command = ["hey", "-z", f"{seconds:g}s", "-c", "1", "-t", "30", "-m", "POST", "-T", content_type]
+        procs.append(subprocess.Popen([*command, "-D", str(path), "-o", "csv", url], stdout=subprocess.PIPE))
+    latencies, starts, ends, failed = [], [], [], 0
+    for proc in procs:
+        out, _ = proc.communicate()
+        for row in csv.DictReader(io.StringIO(out.decode())):
+            elapsed, offset = float(row["response-time"]), float(row["offset"])
+            starts.append(offset)
+            ends.append(offset + elapsed)
+            if row["status-code"] == "200":
+                latencies.append(elapsed)
+            else:
+                failed += 1
+    span = max(ends) - min(starts) if ends else float("nan")
+    pct = (lambda q: float(np.percentile(latencies, q) * 1e3)) if latencies else (lambda q: float("nan"))
+    return {
+        "requests_per_s": len(latencies) / span,
+        "images_per_s": len(latencies) * images / span,
+        "p50_ms": pct(50),
+        "p95_ms": pct(95),
+        "p99_ms": pct(99),
+        "non_200": failed,
+        "requests": len(latencies),
+    }
+
+
+def main(
+    artifacts: Path = ARTIFACTS,
+    max_drop: float = MAX_DROP,
+    seconds: float = typer.Option(10.0, help="measured duration of each phase"),
+    warmup: float = typer.Option(3.0, help="unmeasured load before each phase"),
+    concurrency: int = typer.Option(32, help="closed-loop clients (one hey process each)"),
+    images: int = typer.Option(8, help="images per request in the second round"),
+    max_batch_size: int = typer.Option(32, help="images per model call, both servers"),
+    torch_threads: int = TORCH_THREADS,
+    litserve_batch_timeout: float = typer.Option(
+        0.005, help="LitServe's wait to fill a batch; 0 makes its worker poll its queue without sleeping"
+    ),
+    serve_litserve: int = typer.Option(0, hidden=True),
+    litserve_batch_requests: int = typer.Option(0, hidden=True),
+) -> None:
+    if serve_litserve:
+        run_litserve(artifacts, serve_litserve, litserve_batch_requests, litserve_batch_timeout, torch_threads)
+        return
+    if shutil.which("hey") is None:
+        console.print("this bench drives both servers with `hey`: apt-get install hey")
+        raise typer.Exit(2)
+    bank = load_bank(artifacts)
+    top, drop = bank.most_accurate(), drop_tier(bank, max_drop)
+    pngs = fashion_mnist_pngs(concurrency * images)
+    single = [multipart([png], "file") for png in pngs[:concurrency]]
+    batched = [multipart(pngs[i * images : (i + 1) * images], "files") for i in range(concurrency)]
+    host = {"cpu": cpu_summary(), "gpu": gpu_summary()}
+    console.print(f"host: {host}; load average {os.getloadavg()}")
+
+    figures: dict[str, dict[str, float]] = {}
+    loads: dict[str, tuple[float, float, float]] = {}
+
+    def phase(name: str, url: str, bodies: list[Body], per_request: int) -> None:
+        with tempfile.TemporaryDirectory(prefix="dyce-peers-") as scratch:
+            hey(url, bodies, warmup, Path(scratch), per_request)
+            loads[name] = os.getloadavg()
+            figures[name] = hey(url, bodies, seconds, Path(scratch), per_request)
+        console.print(f"{name}: {figures[name]}; load average before {loads[name]}")
+
+    for per_request, bodies, suffix in ((1, single, "1img"), (images, batched, f"{images}img")):
+        batch_requests = max(1, max_batch_size // per_request)
+        log = OUT / f"peers-litserve-{suffix}.log"
+        with LitServeProcess(artifacts, log, batch_requests, litserve_batch_timeout, torch_threads) as litserve:
+            phase(f"litserve_{suffix}", f"{litserve.url}/predict", bodies, per_request)
+
+    with measured_server(artifacts, OUT / "peers-server.log", torch_threads, max_batch_size) as server:
+        for tier, index in (("top", top), ("drop", drop)):
+            server.pin(index)
+            phase(f"{tier}_1img", f"{server.url}/v1/classify", single, 1)
+            phase(f"{tier}_{images}img", f"{server.url}/v1/classify/batch", batched, images)
+
+    rows = [
+        {"phase": name, **{k: f"{v:.1f}" for k, v in f.items()}, "load": f"{loads[name][0]:.2f}"}
+        for name, f in figures.items()
+    ]
+    print_rows(console, f"{concurrency} clients (hey), {artifacts}", rows)
+
+    def ratio(a: str, b: str) -> float:
+        return figures[a]["images_per_s"] / figures[b]["images_per_s"]
+
+    many = f"{images}img"
+    predicted_gain = bank.entries[top].search.relative_macs / bank.entries[drop].search.relative_macs
+    result = {
+        "top_over_litserve_1img": ratio("top_1img", "litserve_1img"),
+        "drop_over_litserve_1img": ratio("drop_1img", "litserve_1img"),
+        "drop_over_top_1img": ratio("drop_1img", "top_1img"),
+        f"served_over_predicted_gain_{many}": ratio(f"drop_{many}", f"top_{many}") / predicted_gain,
+        f"top_over_litserve_{many}": ratio(f"top_{many}", f"litserve_{many}"),
+        f"drop_over_litserve_{many}": ratio(f"drop_{many}", f"litserve_{many}"),
+        "predicted_gain": predicted_gain,
+        "figures": figures,
+        "load_before": loads,
+        "load_after": os.getloadavg(),
+        "concurrency": concurrency,
+        "images_per_request": images,
+        "seconds": seconds,
+        "top_index": top,
+        "drop_index": drop,
+        "max_batch_size": max_batch_size,
+        "torch_threads": torch_threads,
+        "litserve_batch_timeout_s": litserve_batch_timeout,
+        "host": host,
+        "artifacts": str(artifacts),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    typer.run(main)
