@@ -19,14 +19,15 @@ from dyce.artifacts import (
     save_exits,
     save_savers,
 )
+from dyce.backbones import build_backbone
 from dyce.bank import Bank, BankEntry, BankMismatchError, ExitIdentity, SplitMetrics
 from dyce.config import ExitConfiguration
 from dyce.execution_backends import OnnxRuntimeBackend
 from dyce.executor import EarlyExitExecutor
-from dyce.macs import MacTable, measure_macs
+from dyce.macs import MacTable, count_macs, measure_macs
 from dyce.pipeline import EarlyExitPipeline
 from dyce.preprocess import FASHION_MNIST
-from dyce.savers import attach_savers, build_saver
+from dyce.savers import attach_savers, build_saver, list_saver_kinds
 from dyce.simulate import ExitRecords, exit_positions, simulate
 from offline.export_onnx import export_onnx
 from offline.objective import SearchProblem
@@ -266,3 +267,16 @@ def test_an_all_saver_configuration_is_valid_and_cheap(setup):
     result = executor.run(images, config)
     assert (result.exit_positions == 0).all()
     assert result.relative_macs == pytest.approx(np.full(BATCH, CNN_SMALL_MACS / executor.macs.total_macs))
+
+
+@pytest.mark.parametrize("kind", list_saver_kinds())
+@pytest.mark.parametrize("name", ["resnet18_fmnist", "resnet18"])
+def test_every_saver_kind_fits_the_input_and_costs_under_a_tenth_of_the_backbone(kind, name):
+    """The issue's budget: each saver well under 10 % of the backbone's MACs, on the demo's 28x28
+    grey images and on ImageNet-sized colour ones."""
+    backbone = build_backbone(name)
+    saver = build_saver(kind, backbone.input_spec, backbone.num_classes).eval()
+    image = torch.zeros(2, *backbone.input_spec.shape)
+    with torch.no_grad():
+        assert saver(image).shape == (2, backbone.num_classes)
+    assert count_macs(saver, image[:1]) < 0.1 * measure_macs(backbone).total_macs
