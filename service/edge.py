@@ -30,6 +30,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .settings import Settings
 
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # what uvicorn writes before reading an expecting body
+
 
 class _Refused(httptools.HttpParserError):
     """Raised from a parser callback; uvicorn's ``data_received`` answers it with our response."""
@@ -37,26 +39,26 @@ class _Refused(httptools.HttpParserError):
 
 class _HeadWithBody:
     """The transport as one request's ``RequestResponseCycle`` sees it: the response head (its
-    first write once the response started; a ``100 Continue`` goes out before) waits for the
-    body's first write and leaves with it.
+    first write, but for an interim ``100 Continue``) waits for the body's first write and leaves
+    with it.
 
     uvicorn writes the head and the body in the same step of the handler's task, so the head
     never waits long; a response with no body write (HEAD) still gets its head written by the
-    callback scheduled when it was held, and ``close`` writes a held head first.
+    callback scheduled when it was held, and ``close`` writes a held head first. Were anything
+    else ever held by mistake, that callback writes it within the same turn of the loop.
     """
 
-    __slots__ = ("_transport", "_cycle", "_head", "_head_seen")
+    __slots__ = ("_transport", "_head", "_head_seen")
 
-    def __init__(self, transport: asyncio.Transport, cycle: Any) -> None:
+    def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
-        self._cycle = cycle
         self._head: bytes | None = None
         self._head_seen = False
 
     def write(self, data: bytes) -> None:
         if self._head is not None:
             data, self._head = self._head + data, None
-        elif not self._head_seen and self._cycle.response_started:
+        elif not self._head_seen and data != CONTINUE:
             self._head, self._head_seen = data, True
             asyncio.get_running_loop().call_soon(self.flush)
             return
@@ -93,7 +95,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         if self.cycle is not None and self.cycle.scope is self.scope:  # an HTTP request, not an upgrade
-            self.cycle.transport = _HeadWithBody(self.transport, self.cycle)
+            self.cycle.transport = _HeadWithBody(self.transport)
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)

@@ -16,7 +16,6 @@ import base64
 import io
 import json
 import socket
-from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -154,25 +153,24 @@ def test_the_response_head_leaves_with_the_body_in_one_write():
     async def scenario() -> list[list[bytes]]:
         outcomes = []
         # head then body in the same step: one write; a 100 Continue before the response goes straight out
-        transport, cycle = _RecordingTransport(), SimpleNamespace(response_started=False)
-        held = _HeadWithBody(transport, cycle)
+        transport = _RecordingTransport()
+        held = _HeadWithBody(transport)
         held.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        cycle.response_started = True
         held.write(b"HEAD")
         held.write(b"BODY")
         held.write(b"MORE")  # a streamed chunk after the first
         await asyncio.sleep(0)
         outcomes.append(transport.writes)
         # no body write (a HEAD request): the head goes out on the next turn of the loop
-        transport, cycle = _RecordingTransport(), SimpleNamespace(response_started=True)
-        held = _HeadWithBody(transport, cycle)
+        transport = _RecordingTransport()
+        held = _HeadWithBody(transport)
         held.write(b"HEAD")
         assert transport.writes == []
         await asyncio.sleep(0)
         outcomes.append(transport.writes)
         # closed with the head still held (the app failed after starting): the head goes first
-        transport, cycle = _RecordingTransport(), SimpleNamespace(response_started=True)
-        held = _HeadWithBody(transport, cycle)
+        transport = _RecordingTransport()
+        held = _HeadWithBody(transport)
         held.write(b"HEAD")
         held.close()
         await asyncio.sleep(0)
