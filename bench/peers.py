@@ -8,8 +8,14 @@ images, ``--torch-threads`` like ours. ``dyce-serve`` runs pinned through the ad
 the top tier, then to the cheapest tier within ``--max-drop`` of it (bench/serve.py's tiers), with
 a latency objective no closed loop reaches, so it measures serving, not admission.
 
-Load: ``--concurrency`` closed-loop clients, one ``hey`` process each, so every client sends its
-own Fashion-MNIST image and the exits taken are a sample, not one image's. One PNG per request as
+Load: ``--concurrency`` closed-loop clients, ``--clients-per-hey`` to a ``hey`` process; each
+process sends its own Fashion-MNIST image(s), so the exits taken are a sample, not one image's.
+Fewer processes load the host less (on 2 cores, 32 one-client processes cost this server about a
+quarter of its requests/s against 4 processes of 8), more give a truer sample of exits: with 8
+images per request, 4 processes send 32 distinct images, whose mean relative MACs at both tiers of
+the demo bank are within 0.01 of the bank's; with 1, they send 4 images, which exit earlier than
+the average (0.34 and 0.20 relative MACs against 0.51 and 0.35), so the 1-image figures flatter
+early exit somewhat. One PNG per request as
 multipart ``file`` (``/v1/classify``, LitServe's ``/predict``), then ``--images`` PNGs per request
 as multipart ``files`` (``/v1/classify/batch``; LitServe's ``/predict`` with the same body, whole
 requests batched up to the same number of images). Each phase runs ``--warmup`` seconds unmeasured,
@@ -176,13 +182,13 @@ class LitServeProcess:
 
 
 # Load ------------------------------------------------------------------------------------------
-def hey(url: str, bodies: list[Body], seconds: float, scratch: Path, images: int) -> dict[str, float]:
-    """One ``hey`` per body (one closed-loop client each), all at once; figures from their CSVs."""
+def hey(url: str, bodies: list[Body], clients: list[int], seconds: float, scratch: Path, images: int) -> dict:
+    """One ``hey`` per body with its number of closed-loop clients, all at once; figures from their CSVs."""
     procs = []
-    for i, (content, content_type) in enumerate(bodies):
+    for i, ((content, content_type), count) in enumerate(zip(bodies, clients, strict=True)):
         path = scratch / f"body-{i}.bin"
         path.write_bytes(content)
-        command = ["hey", "-z", f"{seconds:g}s", "-c", "1", "-t", "30", "-m", "POST", "-T", content_type]
+        command = ["hey", "-z", f"{seconds:g}s", "-c", str(count), "-t", "30", "-m", "POST", "-T", content_type]
         procs.append(subprocess.Popen([*command, "-D", str(path), "-o", "csv", url], stdout=subprocess.PIPE))
     latencies, starts, ends, failed = [], [], [], 0
     for proc in procs:
@@ -213,7 +219,8 @@ def main(
     max_drop: float = MAX_DROP,
     seconds: float = typer.Option(10.0, help="measured duration of each phase"),
     warmup: float = typer.Option(3.0, help="unmeasured load before each phase"),
-    concurrency: int = typer.Option(32, help="closed-loop clients (one hey process each)"),
+    concurrency: int = typer.Option(32, help="closed-loop clients"),
+    clients_per_hey: int = typer.Option(8, help="clients per hey process, each process its own image(s)"),
     images: int = typer.Option(8, help="images per request in the second round"),
     max_batch_size: int = typer.Option(32, help="images per model call, both servers"),
     torch_threads: int = TORCH_THREADS,
@@ -231,9 +238,10 @@ def main(
         raise typer.Exit(2)
     bank = load_bank(artifacts)
     top, drop = bank.most_accurate(), drop_tier(bank, max_drop)
-    pngs = fashion_mnist_pngs(concurrency * images)
-    single = [multipart([png], "file") for png in pngs[:concurrency]]
-    batched = [multipart(pngs[i * images : (i + 1) * images], "files") for i in range(concurrency)]
+    clients = [min(clients_per_hey, concurrency - start) for start in range(0, concurrency, clients_per_hey)]
+    pngs = fashion_mnist_pngs(len(clients) * images)
+    single = [multipart([png], "file") for png in pngs[: len(clients)]]
+    batched = [multipart(pngs[i * images : (i + 1) * images], "files") for i in range(len(clients))]
     host = {"cpu": cpu_summary(), "gpu": gpu_summary()}
     console.print(f"host: {host}; load average {os.getloadavg()}")
 
@@ -242,9 +250,9 @@ def main(
 
     def phase(name: str, url: str, bodies: list[Body], per_request: int) -> None:
         with tempfile.TemporaryDirectory(prefix="dyce-peers-") as scratch:
-            hey(url, bodies, warmup, Path(scratch), per_request)
+            hey(url, bodies, clients, warmup, Path(scratch), per_request)
             loads[name] = os.getloadavg()
-            figures[name] = hey(url, bodies, seconds, Path(scratch), per_request)
+            figures[name] = hey(url, bodies, clients, seconds, Path(scratch), per_request)
         console.print(f"{name}: {figures[name]}; load average before {loads[name]}")
 
     for per_request, bodies, suffix in ((1, single, "1img"), (images, batched, f"{images}img")):
@@ -282,6 +290,7 @@ def main(
         "load_before": loads,
         "load_after": os.getloadavg(),
         "concurrency": concurrency,
+        "hey_processes": len(clients),
         "images_per_request": images,
         "seconds": seconds,
         "top_index": top,
