@@ -38,6 +38,13 @@ from .settings import Settings
 
 log = logging.getLogger("dyce.service.autoswitch")
 
+# A request that arrives while a pipeline step runs waits for that step, then for its own: its
+# latency is about two step times, which is what the SLO is compared with.
+STEPS_A_REQUEST_WAITS = 2
+# Climb to a more accurate tier only while the measured p95 is under this share of the SLO, so
+# the climb's extra cost does not land the server right back over its objective.
+CLIMB_BELOW_SLO_SHARE = 0.8
+
 EWMA_ALPHA = 0.2
 GUARD_PENALTY = 1.25  # a tier whose requests missed the SLO is trusted this much less
 
@@ -214,7 +221,7 @@ class Autoswitcher:
     def slo_reachable(self) -> bool:
         """Whether choosing a tier can bring latency within the SLO at all: a request waits for
         the running step and then for its own, and each costs at least the shared overhead."""
-        return 2 * self.costs.overhead_s <= self.slo_s
+        return STEPS_A_REQUEST_WAITS * self.costs.overhead_s <= self.slo_s
 
     def admit(self, images: int, tier: Tier) -> None:
         """Refuse work that could not finish within the SLO at the cost of the tier it will run
@@ -236,7 +243,8 @@ class Autoswitcher:
         if rate > usable:
             return False
         # An SLO that no tier can meet must not push the server down to a cheaper tier for nothing.
-        return not self.slo_reachable or 2 * self.costs.steady_batch_time(tier.config, batch, rate) <= self.slo_s
+        step_s = self.costs.steady_batch_time(tier.config, batch, rate)
+        return not self.slo_reachable or STEPS_A_REQUEST_WAITS * step_s <= self.slo_s
 
     def decide(self) -> tuple[str, int | None]:
         """One decision: (action, bank index to switch to or None)."""
@@ -275,7 +283,7 @@ class Autoswitcher:
         headroom = 1.0 - settle.autoswitch_hysteresis
         self._pressure_since = None
         climb = next((t for t in tiers[:position] if self.fits(t, climb_rate, headroom)), None)
-        if climb is None or latency_p95 > 0.8 * self.slo_s:
+        if climb is None or latency_p95 > CLIMB_BELOW_SLO_SHARE * self.slo_s:
             self._calm_since = None
             return "hold", None
         self._calm_since = self._calm_since or now
