@@ -22,11 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .backbones import SegmentedModel, build_backbone
-from .bank import BackboneIdentity, Bank, BankMismatchError, ExitIdentity
+from .bank import BackboneIdentity, Bank, BankMismatchError, ExitIdentity, run_time_candidates
 from .exits import ExitSet, ExitSpec, build_exit
 from .hashing import state_dict_sha256
 from .preprocess import PreprocessSpec
-from .savers import SAVER_POSITION, attach_savers, build_saver
+from .savers import SAVER_POSITION, attach_savers, build_saver, position_offset
 
 
 class ArtifactLayout:
@@ -141,8 +141,7 @@ def save_exits(layout: ArtifactLayout, exits: ExitSet, backbone: BackboneIdentit
     tensors, entries = {}, []
     for spec in exits.all_specs():
         module = exits.exit(spec.position, spec.index)
-        for key, value in module.state_dict().items():
-            tensors[f"{spec.position}.{spec.index}.{key}"] = value.detach().cpu().contiguous()
+        tensors |= _stored_state(module, f"{spec.position}.{spec.index}.")
         entries.append(ExitEntry(**asdict(spec), sha256=state_dict_sha256(module)))
     save_file(tensors, str(layout.exits_weights))
     manifest = ExitManifest(backbone=backbone, num_positions=exits.num_positions, exits=tuple(entries))
@@ -167,8 +166,7 @@ def save_savers(
     layout.root.mkdir(parents=True, exist_ok=True)
     tensors, entries = {}, []
     for index, (saver, kind) in enumerate(zip(savers, kinds, strict=True), start=1):
-        for key, value in saver.state_dict().items():
-            tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+        tensors |= _stored_state(saver, f"{index}.")
         entries.append(SaverEntry(index=index, kind=kind, sha256=state_dict_sha256(saver)))
     save_file(tensors, str(layout.savers_weights))
     manifest = SaverManifest(backbone=backbone, savers=tuple(entries))
@@ -186,6 +184,11 @@ def load_savers(layout: ArtifactLayout, backbone: SegmentedModel) -> tuple[list[
         saver = build_saver(entry.kind, backbone.input_spec, backbone.num_classes)
         savers.append(_load_checked(saver, tensors, f"{entry.index}.", entry.sha256, f"saver {entry.index}"))
     return savers, manifest
+
+
+def _stored_state(module: nn.Module, prefix: str) -> dict:
+    """``module``'s weights as ``_load_checked`` reads them back, keys under ``prefix``."""
+    return {f"{prefix}{key}": value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
 
 
 def _load_checked(module: nn.Module, tensors: dict, prefix: str, sha256: str, what: str) -> nn.Module:
@@ -211,15 +214,23 @@ class LoadedModel:
     def saver_stage(self) -> bool:
         return self.saver_manifest is not None
 
+    @property
+    def position_offset(self) -> int:
+        return position_offset(self.saver_stage)
+
     def saver_identities(self) -> list[ExitIdentity]:
         return self.saver_manifest.identities() if self.saver_manifest else []
 
     def exit_hashes(self) -> dict[tuple[int, int], str]:
         """Weights hash of every candidate by its run-time (position, k), savers included."""
-        offset = 1 if self.saver_stage else 0
-        hashes = {(e.position + offset, e.index): e.sha256 for e in self.exit_manifest.exits}
-        hashes |= {(SAVER_POSITION, s.index): s.sha256 for s in self.saver_identities()}
-        return hashes
+        candidates = run_time_candidates(self.exit_manifest.identities(), self.saver_identities())
+        return {key: identity.sha256 for key, identity in candidates.items()}
+
+    def with_savers(self, layout: ArtifactLayout) -> LoadedModel:
+        """This backbone and its exits with the savers of ``layout`` in front (``dyce.savers``)."""
+        savers, manifest = load_savers(layout, self.backbone)
+        staged, exits = attach_savers(self.backbone, self.exits, savers, [s.kind for s in manifest.savers])
+        return LoadedModel(staged, exits, self.backbone_manifest, self.exit_manifest, manifest)
 
     def check_bank(self, bank: Bank) -> None:
         """BankMismatchError unless ``bank`` was searched for exactly this model."""
@@ -233,13 +244,10 @@ def load_model(layout: ArtifactLayout, savers: bool | None = None) -> LoadedMode
     """Backbone and exits, plus the savers when ``savers`` (None: when ``savers.json`` exists)."""
     backbone, backbone_manifest = load_backbone(layout)
     exits, exit_manifest = load_exits(layout)
+    model = LoadedModel(backbone, exits, backbone_manifest, exit_manifest, None)
     if savers is None:
         savers = layout.savers_manifest.is_file()
-    if not savers:
-        return LoadedModel(backbone, exits, backbone_manifest, exit_manifest, None)
-    modules, saver_manifest = load_savers(layout, backbone)
-    staged, all_exits = attach_savers(backbone, exits, modules, [s.kind for s in saver_manifest.savers])
-    return LoadedModel(staged, all_exits, backbone_manifest, exit_manifest, saver_manifest)
+    return model.with_savers(layout) if savers else model
 
 
 def load_bank_for(layout: ArtifactLayout, bank_path: str | Path | None = None) -> Bank:

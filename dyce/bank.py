@@ -3,6 +3,7 @@ and MACs, tied to the exact backbone and exit weights it was searched for."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .config import ExitConfiguration
 from .macs import MacTable
 from .profile import Where
+from .savers import SAVER_POSITION, position_offset
 
 SCHEMA_VERSION = 1
 
@@ -35,6 +37,17 @@ class ExitIdentity(BaseModel):
     index: int
     kind: str
     sha256: str
+
+
+def run_time_candidates(
+    exits: Sequence[ExitIdentity], savers: Sequence[ExitIdentity] = ()
+) -> dict[tuple[int, int], ExitIdentity]:
+    """Exits (numbered by backbone position) and savers by their (position, k) in the model that
+    runs them: with savers, the saver stage is position 0 and every exit moves one on."""
+    offset = position_offset(bool(savers))
+    candidates = {(e.position + offset, e.index): e for e in exits}
+    candidates |= {(SAVER_POSITION, s.index): s for s in savers}
+    return candidates
 
 
 class SplitMetrics(BaseModel):
@@ -105,19 +118,17 @@ class Bank(BaseModel):
     def saver_stage(self) -> bool:
         return bool(self.savers)
 
-    @property
-    def position_offset(self) -> int:
-        """How far the backbone's positions are shifted in this bank's configurations."""
-        return 1 if self.savers else 0
+    def candidates(self) -> dict[tuple[int, int], ExitIdentity]:
+        """Every candidate this bank names, by its (position, k) in the configurations."""
+        return run_time_candidates(self.exits, self.savers)
 
     @model_validator(mode="after")
     def _consistent(self) -> Bank:
         if self.macs.num_positions != len(self.num_candidates):
             raise ValueError("MAC table and num_candidates disagree on the number of positions")
-        if any(s.position != 0 for s in self.savers):
+        if any(s.position != SAVER_POSITION for s in self.savers):
             raise ValueError("savers sit at position 0")
-        declared = {(e.position + self.position_offset, e.index) for e in self.exits}
-        declared |= {(0, s.index) for s in self.savers}
+        declared = self.candidates()
         for i, entry in enumerate(self.entries):
             try:
                 entry.config.check_candidates(self.num_candidates)

@@ -6,7 +6,7 @@ serves has an identity "segment" 0 (costing nothing) whose output is the input i
 savers are the candidate exits of that position, and backbone position ``n`` becomes position
 ``n + 1``. The exit rule, the simulation, the searches, the executor and the pipeline then treat
 the saver like any other exit, without a line of saver-specific logic; only the naming of
-positions at the edges (metrics, responses) knows the difference (``backbone_position``).
+positions at the edges (metrics, responses) knows the difference (``position_offset``).
 
 Architectures come from a registry, torchvision-style: one builder per kind, taking the input's
 spec (channels and size) and the number of classes.
@@ -15,6 +15,7 @@ spec (channels and size) and the number of classes.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from torch import nn
 from torchvision import models
@@ -103,22 +104,15 @@ def attach_savers(
     specs = [ExitSpec(SAVER_POSITION, k + 1, kind, spec.channels, backbone.num_classes) for k, kind in enumerate(kinds)]
     modules = list(savers)
     for exit_spec in exits.all_specs():
-        specs.append(
-            ExitSpec(
-                exit_spec.position + 1,
-                exit_spec.index,
-                exit_spec.kind,
-                exit_spec.in_channels,
-                exit_spec.num_classes,
-            )
-        )
+        specs.append(replace(exit_spec, position=exit_spec.position + position_offset(True)))
         modules.append(exits.exit(exit_spec.position, exit_spec.index))
     return staged, ExitSet(staged.num_positions, specs, modules)
 
 
-def backbone_position(position: int, saver_stage: bool) -> int:
-    """The backbone position a run-time position stands for; -1 for the saver (before segment 0)."""
-    return position - 1 if saver_stage else position
+def position_offset(saver_stage: bool) -> int:
+    """How far a saver stage shifts the backbone's positions: run-time position = backbone
+    position + offset, so the saver (run-time 0) is backbone position -1."""
+    return 1 if saver_stage else 0
 
 
 def backbone_position_label(position: int) -> str:

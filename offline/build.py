@@ -91,15 +91,6 @@ def steps(layout: OfflineLayout, options: BuildOptions) -> list[Step]:
     data = data_recipe(search_size=options.search_size, seed=options.seed, limit=options.limit)
     search = search_recipe(options.algorithms, options.grid)
     saver = options.saver
-    saver_steps = [
-        Step(
-            "train-saver",
-            [layout.savers_manifest, layout.savers_weights],
-            ("splits", "backbone"),
-            recipe_dict(saver),
-            lambda: train_saver(layout, saver, device=options.device),
-        )
-    ]
     return [
         Step(
             "data",
@@ -122,7 +113,19 @@ def steps(layout: OfflineLayout, options: BuildOptions) -> list[Step]:
             recipe_dict(options.exits),
             lambda: train_exits(layout, options.exits, device=options.device),
         ),
-        *(saver_steps if saver else []),
+        *(
+            [
+                Step(
+                    "train-saver",
+                    [layout.savers_manifest, layout.savers_weights],
+                    ("splits", "backbone"),
+                    recipe_dict(saver),
+                    lambda: train_saver(layout, saver, device=options.device),
+                )
+            ]
+            if saver
+            else []
+        ),
         Step(
             "record",
             [layout.records_manifest, layout.records],

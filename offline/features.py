@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -61,10 +61,10 @@ def cached_teacher(layout: OfflineLayout) -> torch.Tensor | None:
         return None
     from safetensors import safe_open
 
-    with safe_open(str(layout.teacher), "pt") as cache:
+    with safe_open(str(layout.teacher), "pt") as cache:  # one read: the key, then the tensor
         if (cache.metadata() or {}).get("key") != teacher_key(layout):
             return None
-    return load_file(str(layout.teacher))["probabilities"]
+        return cache.get_tensor("probabilities")
 
 
 def teacher_probabilities(layout: OfflineLayout, backbone: SegmentedModel, dataset: Dataset) -> torch.Tensor:

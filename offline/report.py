@@ -22,6 +22,7 @@ import matplotlib
 import numpy as np
 
 from dyce.bank import Bank, BankEntry
+from dyce.savers import SAVER_POSITION
 from dyce.simulate import ExitRecords
 
 from .layout import OfflineLayout
@@ -79,16 +80,17 @@ def front_points(entries: list[BankEntry], split: str) -> int:
     return len(_front(points)) if points else 0
 
 
-def standalone_exits(records: ExitRecords, bank: Bank) -> list[tuple[float, float, str]]:
-    """(accuracy, relative MACs, kind) of every candidate used alone as the model's only exit."""
-    kinds = {(e.position + bank.position_offset, e.index): e.kind for e in bank.exits}
-    kinds |= {(0, s.index): s.kind for s in bank.savers}
+def standalone_exits(records: ExitRecords, bank: Bank) -> list[tuple[float, float, str, bool]]:
+    """(accuracy, relative MACs, kind, is a saver) of every candidate used alone as the model's
+    only exit."""
+    candidates = bank.candidates()
     segments = bank.macs.relative_segments()
     points = []
     for n in range(records.num_positions - 1):
         for k in range(1, records.num_candidates[n] + 1):
             cost = float(segments[: n + 1].sum() + bank.macs.relative_exit(n, k))
-            points.append((float(records.correct[n, k - 1].mean()), cost, kinds[(n, k)]))
+            saver = bank.saver_stage and n == SAVER_POSITION
+            points.append((float(records.correct[n, k - 1].mean()), cost, candidates[(n, k)].kind, saver))
     return points
 
 
@@ -128,8 +130,7 @@ def plot(
             points = [(m.accuracy, m.relative_macs) for e in without_saver.entries if (m := _split_metrics(e, split))]
             front = _front(points)
             ax.plot(front[:, 0], front[:, 1], color="black", ls="--", lw=1.2, label="without saver (all algorithms)")
-        for acc, cost, kind in standalone_exits(records[split], bank):
-            saver = kind in {s.kind for s in bank.savers}
+        for acc, cost, _, saver in standalone_exits(records[split], bank):
             colour = "tab:purple" if saver else "tab:green"
             ax.scatter(
                 cost, acc, s=40 if saver else 10, marker="P" if saver else "x", color=colour, alpha=0.8, zorder=4

@@ -19,13 +19,12 @@ from typing import Literal
 import torch
 from pydantic import ValidationError
 
-from dyce.artifacts import ArtifactLayout, LoadedModel, load_backbone, load_bank_for, load_exits, load_savers
+from dyce.artifacts import ArtifactLayout, LoadedModel, load_backbone, load_bank_for, load_exits
 from dyce.bank import Bank, BankEntry, BankMismatchError
 from dyce.config import ExitConfiguration
 from dyce.execution_backends import OnnxRuntimeBackend
 from dyce.executor import EarlyExitExecutor, ExecutionResult
 from dyce.profile import Where, host_name
-from dyce.savers import attach_savers, backbone_position
 
 from .decode import ImageDecoder
 from .errors import BadRequest, NotFound, Unprocessable
@@ -212,12 +211,11 @@ class ModelRuntime:
             exits, self.exit_manifest = load_exits(layout)
         with _loading(str(layout.bank.name), f"search again with `dyce-offline build --artifacts {layout.root}`"):
             bank = load_bank_for(layout)  # BankMismatchError says which weights it was searched for
-        saver_manifest = None
+        self.model = LoadedModel(backbone, exits, self.manifest, self.exit_manifest, None)
         if bank.saver_stage:  # the savers load only for a bank that uses a saver stage
             with _loading(f"{layout.savers_manifest.name} / {layout.savers_weights.name}", rebuild):
-                savers, saver_manifest = load_savers(layout, backbone)
-                backbone, exits = attach_savers(backbone, exits, savers, [s.kind for s in saver_manifest.savers])
-        self.model = LoadedModel(backbone, exits, self.manifest, self.exit_manifest, saver_manifest)
+                self.model = self.model.with_savers(layout)
+        backbone, exits = self.model.backbone, self.model.exits
         backend = None
         if settings.backend == "onnxruntime":
             onnx_dir = settings.onnx_dir or layout.root / "onnx"
@@ -288,12 +286,13 @@ class ModelRuntime:
         return self.model.saver_stage
 
     @property
-    def backbone_positions(self) -> int:
-        return self.num_positions - (1 if self.saver_stage else 0)
+    def position_offset(self) -> int:
+        """Run-time position - backbone position (what clients and dashboards see; -1: the saver)."""
+        return self.model.position_offset
 
-    def backbone_position(self, position: int) -> int:
-        """What clients and dashboards see: the backbone's position; -1 for the saver."""
-        return backbone_position(position, self.saver_stage)
+    @property
+    def backbone_positions(self) -> int:
+        return self.num_positions - self.position_offset
 
     def run(self, images: torch.Tensor, config: ExitConfiguration) -> ExecutionResult:
         return self.executor.run(images, config=config)

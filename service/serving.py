@@ -84,7 +84,7 @@ class Service:
             observers=[self._observe_after_answers],
             capacity_images=self.settings.queue_capacity_images,
             capacity_bytes=self.settings.queue_capacity_bytes,
-            position_offset=self.runtime.num_positions - self.runtime.backbone_positions,
+            position_offset=self.runtime.position_offset,
         )
         self._image_bytes = 4 * math.prod(self.runtime.input_shape)  # one decoded float32 image
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
