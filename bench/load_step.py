@@ -41,7 +41,7 @@ from rich.table import Table
 from serve import Body, served_load, v2_bodies
 from serving_harness import ServerProcess, fashion_mnist_pngs, load_bank, percentile_ms
 
-from service.runtime import ModelRuntime
+from service.engine.model import ModelRuntime
 from service.settings import Settings
 
 matplotlib.use("Agg")

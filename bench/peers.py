@@ -65,7 +65,7 @@ from serving_harness import (
 )
 
 from dyce.artifacts import ArtifactLayout, load_backbone
-from service.decode import ImageDecoder
+from service.edge.decode import ImageDecoder
 
 console = Console(stderr=True)
 OUT = Path(__file__).parent / "out"

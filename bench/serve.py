@@ -23,6 +23,7 @@ Run: python bench/serve.py [--artifacts artifacts] [--max-drop 0.005] [--seconds
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from pathlib import Path
@@ -45,25 +46,32 @@ from serving_harness import (
 )
 
 from dyce.pipeline import EarlyExitPipeline
-from service.runtime import ModelRuntime
+from service.edge.decode import ImageDecoder
+from service.engine.model import ModelRuntime
 from service.settings import Settings
 
 console = Console(stderr=True)
 OUT = Path(__file__).parent / "out"
 
 
+@functools.cache
+def decoder(runtime: ModelRuntime) -> ImageDecoder:
+    """The server's own decoder, as its HTTP edge builds it."""
+    return ImageDecoder.from_settings(runtime.preprocess, runtime.settings)
+
+
 def bare_batch1(runtime: ModelRuntime, pngs: list[bytes], config) -> list[float]:
     times = []
     for png in pngs:
         start = time.perf_counter()
-        runtime.run(runtime.decoder(png).unsqueeze(0), config)
+        runtime.run(decoder(runtime)(png).unsqueeze(0), config)
         times.append(time.perf_counter() - start)
     return times
 
 
 def bare_throughput(runtime: ModelRuntime, pngs: list[bytes], config, batch: int, seconds: float) -> float:
     """``EarlyExitExecutor.run`` on batches of decoded images, back to back (decoding not timed)."""
-    images = torch.stack([runtime.decoder(png) for png in pngs[:batch]])
+    images = torch.stack([decoder(runtime)(png) for png in pngs[:batch]])
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         runtime.run(images, config)
@@ -73,7 +81,7 @@ def bare_throughput(runtime: ModelRuntime, pngs: list[bytes], config, batch: int
 
 def pipeline_throughput(runtime: ModelRuntime, pngs: list[bytes], config, batch: int, seconds: float) -> float:
     """The core's continuous-batching pipeline (what the server runs), fed batch after batch."""
-    images = torch.stack([runtime.decoder(png) for png in pngs[: 8 * batch]])
+    images = torch.stack([decoder(runtime)(png) for png in pngs[: 8 * batch]])
     pipeline = EarlyExitPipeline(runtime.executor, batch)
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -125,7 +133,7 @@ def v2_bodies(runtime: ModelRuntime, pngs: list[bytes], per_request: int, model:
     """Open Inference Protocol requests with preprocessed FP32 tensors in the binary extension."""
     bodies = []
     for start in range(0, len(pngs) - per_request + 1, per_request):
-        tensor = torch.stack([runtime.decoder(png) for png in pngs[start : start + per_request]]).numpy()
+        tensor = torch.stack([decoder(runtime)(png) for png in pngs[start : start + per_request]]).numpy()
         raw = tensor.astype("<f4").tobytes()
         header = json.dumps(
             {

@@ -13,7 +13,7 @@ __all__ = ["Settings", "create_app"]
 
 def __getattr__(name: str) -> Any:
     if name == "create_app":
-        from .app import create_app
+        from .edge.app import create_app
 
         return create_app
     raise AttributeError(name)

@@ -33,11 +33,18 @@ def main() -> None:
     if settings.generated_admin_token:
         log.warning("INSECURE DEV MODE: admin token for this run: %s", settings.admin_token.get_secret_value())
 
+    workers = settings.http_processes()
+    metrics_dir = None
+    if workers > 1:
+        from .multiprocess import prepare_metrics_dir
+
+        metrics_dir = prepare_metrics_dir()  # before anything imports prometheus-client
+
     import uvicorn
 
-    from .app import create_app
-    from .edge import uvicorn_config
-    from .runtime import ModelRuntime, StartupError
+    from .edge.app import create_app
+    from .edge.protocol import uvicorn_config
+    from .engine.model import ModelRuntime, StartupError
 
     try:
         runtime = ModelRuntime(settings)
@@ -48,13 +55,20 @@ def main() -> None:
         log.debug("start-up failed", exc_info=err)
         _refuse(f"cannot start: {type(err).__name__}: {err} (DYCE_LOG_LEVEL=debug shows the traceback)", 1)
 
+    if metrics_dir is not None:
+        from .multiprocess import serve
+
+        if (failure := serve(settings, runtime, workers, metrics_dir)) is not None:
+            _refuse(f"stopped: {failure}", 1)
+        return
+
     app = create_app(settings, runtime)
     server = uvicorn.Server(uvicorn_config(app, settings))
-    service = app.state.service
-    service.on_fatal.append(lambda _: setattr(server, "should_exit", True))
+    engine = app.state.engine
+    engine.on_fatal.append(lambda _: setattr(server, "should_exit", True))
     server.run()
-    if service.fatal is not None:
-        _refuse(f"stopped: {service.fatal}", 1)
+    if engine.fatal is not None:
+        _refuse(f"stopped: {engine.fatal}", 1)
     if not server.started:
         _refuse("stopped before serving (see the log above)", 1)
 

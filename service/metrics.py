@@ -1,5 +1,12 @@
 """Prometheus metrics, one ``CollectorRegistry`` per app so several apps (tests) never collide.
 
+With several HTTP worker processes (``DYCE_HTTP_WORKERS``), ``dyce-serve`` sets
+``PROMETHEUS_MULTIPROC_DIR`` before any process imports prometheus-client: every process then
+writes its own samples to memory-mapped files there (the engine: batches, exits, tiers; the
+workers: requests), and ``/metrics`` on any worker reports their sum over the whole server.
+Gauges say how processes combine (``multiprocess_mode``): only the engine sets the tier and
+queue gauges (the most recent value wins), in-flight requests add up.
+
 Nothing in the model path imports this module: the batcher, the tier state and the
 autoswitcher publish events through plain callbacks, and ``Metrics`` subscribes to them.
 Labels stay bounded: routes are route templates, statuses are HTTP codes, positions are the
@@ -8,15 +15,18 @@ backbone's N positions (plus "saver" for a saver stage in front), reasons and ac
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import get_args
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from dyce.savers import backbone_position_label as position_label
 
-from .batcher import BatchReport
-from .runtime import SwitchReason
+from .engine.batcher import BatchReport
+from .engine.tiers import SwitchReason
 
 # Early exits of the demo model finish well under a millisecond; the top buckets cover timeouts.
 LATENCY_BUCKETS = (
@@ -28,9 +38,16 @@ SWITCH_REASONS = tuple(r for r in get_args(SwitchReason) if r != "startup")
 RELATIVE_MACS_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21)) + (1.5,)
 
 
+def multiprocess() -> bool:
+    """Whether samples go to the shared directory (decided before prometheus-client was imported)."""
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess = multiprocess()
+        self._queue_depth: Callable[[], int] | None = None
         r = self.registry
         self.requests = Counter("dyce_requests", "HTTP requests answered", ["route", "status"], registry=r)
         self.request_duration = Histogram(
@@ -55,16 +72,32 @@ class Metrics:
             buckets=RELATIVE_MACS_BUCKETS,
             registry=r,
         )
-        self.active_lambda = Gauge("dyce_active_lambda", "Lambda of the active configuration", registry=r)
-        self.active_index = Gauge("dyce_active_config_index", "Bank index of the active configuration", registry=r)
+        self.active_lambda = Gauge(
+            "dyce_active_lambda", "Lambda of the active configuration", multiprocess_mode="livemostrecent", registry=r
+        )
+        self.active_index = Gauge(
+            "dyce_active_config_index",
+            "Bank index of the active configuration",
+            multiprocess_mode="livemostrecent",
+            registry=r,
+        )
         self.switches = Counter("dyce_config_switches", "Active configuration changes", ["reason"], registry=r)
-        self.queue_depth = Gauge("dyce_queue_depth", "Requests waiting for a batch", registry=r)
-        self.in_flight = Gauge("dyce_in_flight_requests", "Requests being handled", registry=r)
+        self.queue_depth = Gauge(
+            "dyce_queue_depth", "Requests waiting for a batch", multiprocess_mode="livemostrecent", registry=r
+        )
+        self.in_flight = Gauge(
+            "dyce_in_flight_requests", "Requests being handled", multiprocess_mode="livesum", registry=r
+        )
         self.rejections = Counter("dyce_rejections", "Requests answered with an error", ["reason"], registry=r)
         self.autoswitch_decisions = Counter(
             "dyce_autoswitch_decisions", "Autoswitcher decisions by outcome", ["action"], registry=r
         )
-        self.model_ready = Gauge("dyce_model_ready", "1 once the model is loaded and warmed up", registry=r)
+        self.model_ready = Gauge(
+            "dyce_model_ready",
+            "1 once the model is loaded and warmed up",
+            multiprocess_mode="livemostrecent",
+            registry=r,
+        )
 
     def model_loaded(self, num_positions: int, saver_stage: bool = False) -> None:
         """Start every exit position and switch reason at 0: a series born with its first
@@ -74,8 +107,28 @@ class Metrics:
         for reason in SWITCH_REASONS:
             self.switches.labels(reason=reason)
 
+    def watch_queue(self, depth: Callable[[], int]) -> None:
+        """The queue depth: read at scrape time in one process; across processes the scrape
+        cannot call into the engine, so the engine writes it after every pipeline step."""
+        if self.multiprocess:
+            self._queue_depth = depth
+        else:
+            self.queue_depth.set_function(depth)
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this process's registry, or the whole server's files."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+    content_type = CONTENT_TYPE_LATEST
+
     # Callbacks the service components are wired to.
     def batch_done(self, report: BatchReport) -> None:
+        if self._queue_depth is not None:
+            self.queue_depth.set(self._queue_depth())
         if report.admitted:
             self.batch_size.observe(report.admitted)
         self.inference_duration.observe(report.inference_s)

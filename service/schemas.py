@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from .batcher import JobResult
-from .runtime import ActiveTier, Tier
+if TYPE_CHECKING:
+    from .engine.api import Answer, TierSummary
+    from .engine.tiers import ActiveTier, Tier
 
 
 class TierInfo(BaseModel):
@@ -23,7 +24,7 @@ class TierInfo(BaseModel):
     expected_relative_macs: float
 
     @classmethod
-    def of(cls, tier: Tier) -> TierInfo:
+    def of(cls, tier: Tier | TierSummary) -> TierInfo:
         return cls(
             bank_index=tier.index,
             lam=tier.lam,
@@ -74,7 +75,7 @@ class BatchClassification(BaseModel):
     timings: Timings
 
 
-def image_results(result: JobResult, labels: tuple[str, ...], top_k: int) -> list[ImageResult]:
+def image_results(result: Answer, labels: tuple[str, ...], top_k: int) -> list[ImageResult]:
     k = min(top_k, result.probabilities.shape[1])
     probs, classes = torch.topk(result.probabilities, k, dim=1)
     return [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 from typing import Literal
@@ -52,9 +53,18 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(10.0, gt=0, description="arrival to answer; past it the server answers 504")
 
-    # The HTTP edge (service/edge.py): limits that act before a handler runs.
+    # The HTTP edge (service/edge/): its processes, and limits that act before a handler runs.
+    http_workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="HTTP worker processes in front of the one engine process; 0 = from the CPU cores "
+        "(1, all in one process, on hosts of up to 4 cores, where one process measured faster)",
+    )
     max_in_flight_requests: int = Field(
-        256, ge=1, description="requests inside the server at once; more are answered 503 at once, body unread"
+        256,
+        ge=1,
+        description="requests inside one HTTP process at once; more are answered 503 at once, body unread",
     )
     max_connections: int = Field(2048, ge=1, description="open connections; uvicorn's last-resort backstop")
     keep_alive_timeout_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")
@@ -112,6 +122,23 @@ class Settings(BaseSettings):
             self.admin_token = SecretStr(secrets.token_urlsafe(24))
             self._generated_admin_token = True
         return self
+
+    def http_processes(self, cores: int | None = None) -> int:
+        """HTTP worker processes to run; 1 means one process that runs the engine too.
+
+        From the cores, when not set: on a small host the engine's inference thread and a
+        worker's event loop compete for the same cores and the channel between them is pure
+        cost (2 cores: one process served more requests/s, bench/peers.py). On a larger host,
+        per-request HTTP and decode work scales out: half the cores when a GPU does the
+        inference, a quarter when the CPU's cores run it too.
+        """
+        if self.http_workers:
+            return self.http_workers
+        cores = cores or os.cpu_count() or 1
+        if cores <= 4:
+            return 1
+        share = 2 if self.device.startswith("cuda") else 4
+        return max(2, min(cores // share, 8))
 
     @property
     def generated_admin_token(self) -> bool:

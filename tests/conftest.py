@@ -181,7 +181,7 @@ class LiveServer:
 
     def __init__(self, settings) -> None:
         from service import create_app
-        from service.edge import uvicorn_config
+        from service.edge.protocol import uvicorn_config
 
         self.settings = settings
         self.app = create_app(settings)
@@ -193,8 +193,8 @@ class LiveServer:
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
 
     @property
-    def service(self):
-        return self.app.state.service
+    def engine(self):
+        return self.app.state.engine
 
     def __enter__(self) -> LiveServer:
         self.thread.start()

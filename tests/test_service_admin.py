@@ -11,6 +11,7 @@ import pytest
 
 from dyce.artifacts import ArtifactLayout
 from dyce.bank import Bank
+from service.edge.decode import ImageDecoder
 from tests.conftest import LiveServer, service_settings
 
 
@@ -95,8 +96,8 @@ def test_reload_rejects_a_bad_bank_and_keeps_serving_the_old_one(admin, admin_se
 
 def test_live_switching_under_concurrent_requests(admin, admin_server, fmnist_pngs):
     """While an operator flips tiers, every answer is consistent with exactly one configuration."""
-    bank = admin_server.service.state.bank
-    runtime = admin_server.service.runtime
+    bank = admin_server.engine.state.bank
+    runtime = admin_server.engine.runtime
     indices = [e["bank_index"] for e in admin.get("/admin/bank").json()["entries"]]
     stop = threading.Event()
 
@@ -120,7 +121,7 @@ def test_live_switching_under_concurrent_requests(admin, admin_server, fmnist_pn
         assert flipper.result() > 3
     seen = {a["tier"]["bank_index"] for a in answers}
     assert len(seen) >= 2, "the switches did not overlap the requests"
-    decoder = runtime.decoder
+    decoder = ImageDecoder.from_settings(runtime.preprocess, admin_server.settings)
     for png, answer in zip(fmnist_pngs[:120], answers, strict=True):
         config = bank.entries[answer["tier"]["bank_index"]].config
         assert config.config_id == answer["tier"]["config_id"]

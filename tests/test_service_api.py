@@ -42,7 +42,7 @@ def test_classify_raw_png_matches_the_plain_model_at_the_top_tier(client, fmnist
     assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1 + 1e-6
     _consistent(answer, bank)
     # The same image through the executor in-process gives the same answer.
-    runtime = live_server.service.runtime
+    runtime = live_server.engine.runtime
     image = FASHION_MNIST.transform()(Image.open(io.BytesIO(fmnist_pngs[0]))).unsqueeze(0)
     expected = runtime.run(image, bank.entries[top].config)
     assert answer["exit_position"] == int(expected.exit_positions[0])

@@ -10,8 +10,9 @@ import httpx
 import pytest
 
 from dyce.artifacts import ArtifactLayout, load_bank_for
-from service.autoswitch import Autoswitcher, CostModel
-from service.runtime import TierState
+from service.control.autoswitch import Autoswitcher
+from service.control.costs import CostModel
+from service.engine.tiers import TierState
 from tests.conftest import LiveServer, metric_sum, scrape, service_settings
 
 
@@ -27,7 +28,7 @@ def switcher(core_demo_artifacts):
     tiers = state.active.tier.frontier()
     costs = CostModel(0.002, {t.config: 1e-3 * t.expected_relative_macs for t in tiers})
     actions: list[str] = []
-    return Autoswitcher(settings, state, costs, lambda: 0, [actions.append]), tiers, actions
+    return Autoswitcher(settings, state, costs, [actions.append]), tiers, actions
 
 
 def _load(switcher: Autoswitcher, images_per_second: float) -> None:
@@ -97,7 +98,7 @@ def test_live_flood_steps_down_then_climbs_back(core_demo_artifacts, fmnist_pngs
         core_demo_artifacts, autoswitch="auto", autoswitch_min_dwell_up_s=1.0, autoswitch_min_dwell_down_s=0.5
     )
     with LiveServer(settings) as server:
-        top = server.service.state.active.tier
+        top = server.engine.state.active.tier
         assert top.index == top.bank.most_accurate()
         stop = threading.Event()
         files = [("files", (f"{i}.png", png, "image/png")) for i, png in enumerate(fmnist_pngs[:16])]
@@ -114,18 +115,18 @@ def test_live_flood_steps_down_then_climbs_back(core_demo_artifacts, fmnist_pngs
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             floods = [pool.submit(flood) for _ in range(6)]
             deadline = time.monotonic() + 30
-            while server.service.state.active.tier.index == top.index and time.monotonic() < deadline:
+            while server.engine.state.active.tier.index == top.index and time.monotonic() < deadline:
                 time.sleep(0.1)
-            stepped_down = server.service.state.active.tier.index != top.index
+            stepped_down = server.engine.state.active.tier.index != top.index
             time.sleep(1.0)
             stop.set()
             for future in floods:
                 future.result()
         assert stepped_down, "a saturating flood never moved the autoswitcher off the top tier"
         deadline = time.monotonic() + 30
-        while server.service.state.active.tier.index != top.index and time.monotonic() < deadline:
+        while server.engine.state.active.tier.index != top.index and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert server.service.state.active.tier.index == top.index, "did not climb back once the load stopped"
+        assert server.engine.state.active.tier.index == top.index, "did not climb back once the load stopped"
         samples = scrape(server.url)
         assert metric_sum(samples, "dyce_config_switches_total", reason="autoswitch") >= 2
         assert metric_sum(samples, "dyce_autoswitch_decisions_total", action="down") >= 1

@@ -25,8 +25,10 @@ import torch
 
 from dyce.artifacts import ArtifactLayout, backbone_identity, load_backbone, load_exits, save_exits
 from dyce.bank import Bank
-from service.autoswitch import Autoswitcher, CostModel, LoadWindow
-from service.runtime import TierState
+from service.control.autoswitch import Autoswitcher
+from service.control.costs import CostModel
+from service.control.load import LoadWindow
+from service.engine.tiers import TierState
 from tests.conftest import ADMIN_TOKEN, LiveServer, metric_sum, scrape, service_settings
 
 PNG = {"content-type": "image/png"}
@@ -111,7 +113,7 @@ def noisy_switcher(core_demo_artifacts):
     state = TierState(bank, "auto")
     tiers = state.active.tier.frontier()
     costs = CostModel(0.45, {t.config: 0.019 * t.expected_relative_macs for t in tiers})
-    return Autoswitcher(settings, state, costs, lambda: 0, []), tiers
+    return Autoswitcher(settings, state, costs, []), tiers
 
 
 def test_no_load_keeps_the_most_accurate_tier_whatever_the_calibration(noisy_switcher):
@@ -295,7 +297,7 @@ def test_queue_is_bounded_in_images(core_demo_artifacts, fmnist_pngs):
 def test_liveness_fails_when_the_inference_worker_dies(core_demo_artifacts, fmnist_pngs):
     with LiveServer(service_settings(core_demo_artifacts)) as server:
         assert httpx.get(f"{server.url}/v2/health/live").json() == {"live": True}
-        task = server.service.batcher._task
+        task = server.engine.batcher._task
         loop = task.get_loop()
         asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result()
         loop.call_soon_threadsafe(task.cancel)  # the worker dies (as an unexpected bug would end it)
@@ -326,7 +328,7 @@ def _one_line(stderr: str) -> str:
 
 def test_failed_warm_up_exits_non_zero_with_one_line(core_demo_artifacts):
     prelude = (
-        "import service.runtime as r\n"
+        "import service.engine.model as r\n"
         "def broken(self, bank): raise RuntimeError('CUDA error: out of memory')\n"
         "r.ModelRuntime.warm_up = broken"
     )

@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from dyce.preprocess import FASHION_MNIST, IMAGENET
-from service.decode import ImageDecoder
-from service.edge import _HeadWithBody
+from service.edge.decode import ImageDecoder
+from service.edge.protocol import _HeadWithBody
 from tests.conftest import metric_sum, scrape
 
 PNG = {"content-type": "image/png"}
@@ -68,7 +68,7 @@ def test_fast_path_and_routed_requests_answer_alike_and_count_under_the_route(li
         assert fast.headers[name] == routed.headers[name], name
     for name in ("x-queue-time", "x-inference-time", "x-total-time"):
         assert float(fast.headers[name]) >= 0
-    labels = live_server.service.runtime.labels
+    labels = live_server.engine.runtime.labels
     predictions = fast.json()["predictions"]
     assert [p["label"] for p in predictions] == [labels[p["class_index"]] for p in predictions]
     assert [p["probability"] for p in predictions] == sorted((p["probability"] for p in predictions), reverse=True)

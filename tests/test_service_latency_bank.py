@@ -34,7 +34,7 @@ def test_a_bank_profiled_elsewhere_is_served_and_says_so(core_demo_artifacts, tm
         assert [e["expected_relative_latency"] for e in info["entries"]] == pytest.approx(latencies)
         assert any("costed on measured time of another set-up" in r.getMessage() for r in caplog.records)
         # The prior of each frontier tier is the plain model's cost times the tier's relative time.
-        estimates = server.service.autoswitcher.costs.estimates
+        estimates = server.engine.autoswitcher.costs.estimates
         frontier = [served.entries[i] for i in served.frontier()]
         first, *rest = frontier
         for entry in rest:

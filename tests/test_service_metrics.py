@@ -36,7 +36,7 @@ def test_metric_names_types_and_buckets(live_server):
 
 
 def test_counters_follow_the_answers(live_server, client, fmnist_pngs):
-    state = live_server.service.state
+    state = live_server.engine.state
     before = scrape(live_server.url)
     answers = [
         client.post("/v1/classify", params=params, content=png, headers={"content-type": "image/png"}).json()

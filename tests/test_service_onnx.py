@@ -9,7 +9,7 @@ import pytest
 
 from dyce.artifacts import ArtifactLayout, load_backbone, load_bank_for, load_exits
 from offline.export_onnx import export_onnx
-from service.runtime import ModelRuntime, StartupError
+from service.engine.model import ModelRuntime, StartupError
 from tests.conftest import LiveServer, service_settings
 
 

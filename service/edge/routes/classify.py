@@ -10,11 +10,11 @@ from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
+from ...errors import BadRequest, ServiceError
+from ...schemas import BatchClassification, Classification, ImageResult, TierInfo, Timings, image_results
 from ..decode import check_media_type
-from ..deps import ServiceDep
-from ..errors import BadRequest, ServiceError
-from ..schemas import BatchClassification, Classification, ImageResult, TierInfo, Timings, image_results
-from ..serving import Served, Service
+from ..deps import GatewayDep
+from ..gateway import Gateway, Served
 
 router = APIRouter(prefix="/v1", tags=["classify"])
 
@@ -82,15 +82,16 @@ ClassifyQueryDep = Annotated[ClassifyQuery, Depends(classify_query)]
 
 
 async def _serve(
-    request: Request, headers: dict[str, str], service: Service, query: ClassifyQuery, max_files: int
+    request: Request, headers: dict[str, str], gateway: Gateway, query: ClassifyQuery, max_files: int
 ) -> tuple[Served, list[ImageResult], dict[str, Any]]:
     """Read, decode, queue and wait; returns the answer, per-image results and the shared fields."""
     arrived = request.state.arrived  # set by the edge middleware, before the body was read
     blobs = await _read_images(request, max_files=max_files)
-    with service.admit(len(blobs), sum(map(len, blobs)), query.lam, query.max_relative_macs) as admission:
-        images = await service.decode(blobs)
-        served = await service.classify(request, images, admission, arrived)
-    result = served.result
+    engine = gateway.engine
+    with engine.admission(len(blobs), sum(map(len, blobs)), query.lam, query.max_relative_macs) as ticket:
+        images = await gateway.decode(blobs)
+        served = await gateway.classify(request, ticket, images, arrived)
+    result = served.answer
     timings = Timings(
         queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3, total_ms=served.total_s * 1e3
     )
@@ -101,13 +102,13 @@ async def _serve(
     headers["x-config-id"] = result.tier.config_id
     headers["x-lambda"] = f"{result.tier.lam:g}"
     shared = {
-        "num_positions": service.runtime.backbone_positions,
+        "num_positions": engine.info.backbone_positions,
         "tier": TierInfo.of(result.tier),
-        "tier_source": "request" if served.requested else "active",
+        "tier_source": "request" if result.requested else "active",
         "batch_size": result.batch_size,
         "timings": timings,
     }
-    results = image_results(result, service.runtime.labels, query.top_k or service.settings.default_top_k)
+    results = image_results(result, engine.info.labels, query.top_k or gateway.settings.default_top_k)
     return served, results, shared
 
 
@@ -117,25 +118,25 @@ def _json(answer: BaseModel, headers: dict[str, str]) -> Response:
     return Response(answer.model_dump_json(), media_type="application/json", headers=headers)
 
 
-async def classify_one(request: Request, service: Service, query: ClassifyQuery) -> Response:
+async def classify_one(request: Request, gateway: Gateway, query: ClassifyQuery) -> Response:
     """The answer of ``POST /v1/classify``, for its route and for the edge's fast path alike."""
     headers: dict[str, str] = {}
-    _, (result,), shared = await _serve(request, headers, service, query, max_files=1)
+    _, (result,), shared = await _serve(request, headers, gateway, query, max_files=1)
     headers["x-exit-position"] = str(result.exit_position)
     return _json(Classification(**result.model_dump(), **shared), headers)
 
 
-async def classify_many(request: Request, service: Service, query: ClassifyQuery) -> Response:
+async def classify_many(request: Request, gateway: Gateway, query: ClassifyQuery) -> Response:
     """The answer of ``POST /v1/classify/batch``, for its route and for the edge's fast path alike."""
     headers: dict[str, str] = {}
-    _, results, shared = await _serve(request, headers, service, query, service.settings.max_batch_size)
+    _, results, shared = await _serve(request, headers, gateway, query, gateway.settings.max_batch_size)
     return _json(BatchClassification(results=results, **shared), headers)
 
 
 @router.post("/classify", response_model=Classification, openapi_extra=IMAGE_BODY)
-async def classify(request: Request, service: ServiceDep, query: ClassifyQueryDep) -> Response:
+async def classify(request: Request, gateway: GatewayDep, query: ClassifyQueryDep) -> Response:
     """Classify one image (raw ``image/png|jpeg|webp`` body, or multipart ``file``)."""
-    return await classify_one(request, service, query)
+    return await classify_one(request, gateway, query)
 
 
 BATCH_BODY = {
@@ -164,6 +165,6 @@ BATCH_BODY = {
 
 
 @router.post("/classify/batch", response_model=BatchClassification, openapi_extra=BATCH_BODY)
-async def classify_batch(request: Request, service: ServiceDep, query: ClassifyQueryDep) -> Response:
+async def classify_batch(request: Request, gateway: GatewayDep, query: ClassifyQueryDep) -> Response:
     """Classify several images (multipart, one ``files`` part each); all run under one tier."""
-    return await classify_many(request, service, query)
+    return await classify_many(request, gateway, query)

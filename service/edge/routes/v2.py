@@ -11,11 +11,11 @@ import torch
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from ..deps import ServiceDep
-from ..errors import BadRequest, NotFound, NotReady
-from ..runtime import PLATFORMS
-from ..serving import Service
-from ..v2 import HEADER_LENGTH, InferRequest, bytes_tensor, encode_response, fp32_tensor, inline_schema, parse_request
+from ...engine.model import PLATFORMS
+from ...errors import BadRequest, NotFound, NotReady
+from ..deps import GatewayDep
+from ..gateway import Gateway
+from ..oip import HEADER_LENGTH, InferRequest, bytes_tensor, encode_response, fp32_tensor, inline_schema, parse_request
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
@@ -30,18 +30,19 @@ OUTPUTS = {  # name -> (datatype, per-image dims; -1 = the number of classes)
 }
 
 
-def _model(service: Service, name: str, version: str | None = None) -> None:
-    if name != service.settings.model_name or version not in (None, VERSION):
+def _model(gateway: Gateway, name: str, version: str | None = None) -> None:
+    if name != gateway.settings.model_name or version not in (None, VERSION):
         raise NotFound(
-            f"unknown model {name!r} (version {version or 'any'}); this server has {service.settings.model_name!r}"
+            f"unknown model {name!r} (version {version or 'any'}); this server has {gateway.settings.model_name!r}"
         )
 
 
-def _tensor_specs(service: Service) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    runtime, _ = service.require_ready()
-    classes = len(runtime.labels)
+def _tensor_specs(gateway: Gateway) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    gateway.require_ready()
+    model = gateway.engine.info
+    classes = len(model.labels)
     inputs = [
-        {"name": INPUT_TENSOR, "datatype": "FP32", "shape": [-1, *runtime.input_shape]},
+        {"name": INPUT_TENSOR, "datatype": "FP32", "shape": [-1, *model.input_shape]},
         # [batch, 1], Triton's shape for one string per image: perf_analyzer sizes its requests
         # from this with the batch dimension removed, and [] leaves it nothing to send.
         {"name": IMAGE_TENSOR, "datatype": "BYTES", "shape": [-1, 1]},
@@ -59,22 +60,24 @@ async def server_metadata() -> dict[str, Any]:
 
 
 @router.get("/health/live")
-async def live(service: ServiceDep) -> JSONResponse:
+async def live(gateway: GatewayDep) -> JSONResponse:
     """False (503) once the service cannot serve any more: a dead inference worker or a failed
     warm-up. Kubernetes restarts such a replica; ``dyce-serve`` itself exits non-zero."""
-    if service.live:
+    engine = gateway.engine
+    if engine.live:
         return JSONResponse({"live": True})
-    body = {"live": False, "error": service.fatal, "code": "not_live"}
+    body = {"live": False, "error": engine.fatal, "code": "not_live"}
     return JSONResponse(body, status_code=503, headers={"x-error-code": "not_live"})
 
 
-def _readiness(service: Service, body: dict[str, Any]) -> JSONResponse:
+def _readiness(gateway: Gateway, body: dict[str, Any]) -> JSONResponse:
     """200 once warmed up; else 503 in the service's error shape (``error``, ``code``) beside the
     protocol's ``ready`` field. A 503 before warm-up is expected, not a server fault: its code
     labels it for the metrics."""
-    if service.ready:
+    engine = gateway.engine
+    if engine.ready:
         return JSONResponse({**body, "ready": True})
-    reason = service.fatal or "the model is loading or warming up"
+    reason = engine.fatal or "the model is loading or warming up"
     return JSONResponse(
         {**body, "ready": False, "error": reason, "code": NotReady.reason},
         status_code=503,
@@ -83,35 +86,35 @@ def _readiness(service: Service, body: dict[str, Any]) -> JSONResponse:
 
 
 @router.get("/health/ready")
-async def ready(service: ServiceDep) -> JSONResponse:
-    return _readiness(service, {})
+async def ready(gateway: GatewayDep) -> JSONResponse:
+    return _readiness(gateway, {})
 
 
 @router.get("/models/{name}")
 @router.get("/models/{name}/versions/{version}")
-async def model_metadata(service: ServiceDep, name: str, version: str | None = None) -> dict[str, Any]:
-    _model(service, name, version)
-    inputs, outputs = _tensor_specs(service)
-    platform = PLATFORMS[service.settings.backend]
+async def model_metadata(gateway: GatewayDep, name: str, version: str | None = None) -> dict[str, Any]:
+    _model(gateway, name, version)
+    inputs, outputs = _tensor_specs(gateway)
+    platform = PLATFORMS[gateway.settings.backend]
     return {"name": name, "versions": [VERSION], "platform": platform, "inputs": inputs, "outputs": outputs}
 
 
 @router.get("/models/{name}/ready")
 @router.get("/models/{name}/versions/{version}/ready")
-async def model_ready(service: ServiceDep, name: str, version: str | None = None) -> JSONResponse:
-    _model(service, name, version)
-    return _readiness(service, {"name": name})
+async def model_ready(gateway: GatewayDep, name: str, version: str | None = None) -> JSONResponse:
+    _model(gateway, name, version)
+    return _readiness(gateway, {"name": name})
 
 
 @router.get("/models/{name}/config")
 @router.get("/models/{name}/versions/{version}/config")
-async def model_config(service: ServiceDep, name: str, version: str | None = None) -> dict[str, Any]:
+async def model_config(gateway: GatewayDep, name: str, version: str | None = None) -> dict[str, Any]:
     """Triton's model configuration: with max_batch_size > 0, dims leave out the batch dimension.
     Triton needs at least one dim, so a per-image scalar output (metadata shape [-1]) is dims [1]
     with ``reshape: {shape: []}``, exactly as Triton itself describes such a tensor."""
-    _model(service, name, version)
-    inputs, outputs = _tensor_specs(service)
-    settings = service.settings
+    _model(gateway, name, version)
+    inputs, outputs = _tensor_specs(gateway)
+    settings = gateway.settings
 
     def triton(tensor: dict[str, Any]) -> dict[str, Any]:
         dims = tensor["shape"][1:]
@@ -156,15 +159,16 @@ INFER_BODY = {
 
 @router.post("/models/{name}/infer", openapi_extra=INFER_BODY)
 @router.post("/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY)
-async def infer(request: Request, service: ServiceDep, name: str, version: str | None = None) -> Response:
+async def infer(request: Request, gateway: GatewayDep, name: str, version: str | None = None) -> Response:
     """Inputs: ``input`` (FP32 preprocessed) or ``image`` (BYTES encoded). Request parameters
     ``lambda`` or ``max_relative_macs`` choose a tier for this request."""
     arrived = request.state.arrived  # set by the edge middleware, before the body was read
-    _model(service, name, version)
-    runtime, _ = service.require_ready()
+    _model(gateway, name, version)
+    gateway.require_ready()
+    engine, model = gateway.engine, gateway.engine.info
     if request.headers.get("content-encoding", "identity") != "identity":
         raise BadRequest("compressed inference requests are not accepted; send them uncompressed")
-    body, settings = await request.body(), service.settings
+    body, settings = await request.body(), gateway.settings
     infer_request, binary = parse_request(body, request.headers.get(HEADER_LENGTH))
     if len(infer_request.inputs) != 1:
         raise BadRequest(f"send exactly one input tensor: {INPUT_TENSOR!r} (FP32) or {IMAGE_TENSOR!r} (BYTES)")
@@ -182,23 +186,23 @@ async def infer(request: Request, service: ServiceDep, name: str, version: str |
     tensor = infer_request.inputs[0]
     # Everything cheap is checked; only then is the request admitted, and only then decoded.
     if tensor.name == INPUT_TENSOR:
-        array = fp32_tensor(tensor, binary.get(tensor.name), runtime.input_shape, settings.max_batch_size)
-        with service.admit(array.shape[0], array.nbytes, lam, budget) as admission:
-            served = await service.classify(request, torch.from_numpy(array.copy()), admission, arrived)
+        array = fp32_tensor(tensor, binary.get(tensor.name), model.input_shape, settings.max_batch_size)
+        with engine.admission(array.shape[0], array.nbytes, lam, budget) as ticket:
+            served = await gateway.classify(request, ticket, torch.from_numpy(array.copy()), arrived)
     elif tensor.name == IMAGE_TENSOR:
         blobs = bytes_tensor(tensor, binary.get(tensor.name), settings.max_batch_size)
-        with service.admit(len(blobs), sum(map(len, blobs)), lam, budget) as admission:
-            served = await service.classify(request, await service.decode(blobs), admission, arrived)
+        with engine.admission(len(blobs), sum(map(len, blobs)), lam, budget) as ticket:
+            served = await gateway.classify(request, ticket, await gateway.decode(blobs), arrived)
     else:
         raise BadRequest(f"unknown input {tensor.name!r}; inputs are {INPUT_TENSOR!r} and {IMAGE_TENSOR!r}")
-    result = served.result
+    result = served.answer
 
     top = result.probabilities.argmax(dim=1).tolist()
     values = {
         "probabilities": result.probabilities.numpy(),
         "exit_position": result.exit_positions.astype(np.int64),
         "relative_macs": result.relative_macs.astype(np.float32),
-        "label": [runtime.labels[c].encode() for c in top],
+        "label": [model.labels[c].encode() for c in top],
     }
     header = {
         "model_name": name,
@@ -207,7 +211,7 @@ async def infer(request: Request, service: ServiceDep, name: str, version: str |
             "lambda": result.tier.lam,
             "config_id": result.tier.config_id,
             "bank_index": result.tier.index,
-            "tier_source": "request" if served.requested else "active",
+            "tier_source": "request" if result.requested else "active",
             "queue_time_ms": result.queue_s * 1e3,
             "inference_time_ms": result.inference_s * 1e3,
         },

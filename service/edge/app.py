@@ -15,11 +15,14 @@ from fastapi.routing import APIRoute
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ROUTER_ERRORS, BodyTimeout, TooLarge, error_response, install_error_handlers
+from ..engine.engine import Engine
+from ..engine.model import ModelRuntime
+from ..engine.remote import RemoteEngine
+from ..errors import ROUTER_ERRORS, BodyTimeout, TooLarge, error_response, install_error_handlers
+from ..metrics import Metrics
+from ..settings import Settings
+from .gateway import Gateway
 from .routes import admin, classify, metrics, v2
-from .runtime import ModelRuntime
-from .serving import Service
-from .settings import Settings
 
 log = logging.getLogger("dyce.service")
 
@@ -74,9 +77,9 @@ class ObserveRequests:
     - the in-flight gauge, and one count + duration per answered request with its error reason.
     """
 
-    def __init__(self, app: ASGIApp, service: Service, fast_routes: dict[str, FastRoute] | None = None) -> None:
+    def __init__(self, app: ASGIApp, gateway: Gateway, fast_routes: dict[str, FastRoute] | None = None) -> None:
         self.app = app
-        self.service = service
+        self.gateway = gateway
         self.in_flight = 0
         self.fast_routes = fast_routes or {}
 
@@ -86,9 +89,9 @@ class ObserveRequests:
             return
         started = time.perf_counter()
         scope.setdefault("state", {})["arrived"] = started
-        settings = self.service.settings
+        settings = self.gateway.settings
         limit, body_timeout = settings.max_body_bytes, settings.body_read_timeout_s
-        metrics = self.service.metrics
+        metrics = self.gateway.metrics
         status, reason = 500, None
 
         async def send_observed(message: Message) -> None:
@@ -160,27 +163,39 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def create_app(settings: Settings, runtime: ModelRuntime | None = None) -> FastAPI:
-    """The application; ``runtime`` is the loaded model when the caller loaded it already
-    (``dyce-serve`` does, to report artefact problems before the server starts)."""
-    service = Service(settings, runtime)
+def create_app(settings: Settings, runtime: ModelRuntime | None = None, remote: RemoteEngine | None = None) -> FastAPI:
+    """The application. In one process it runs the engine too: ``runtime`` is the loaded model
+    when the caller loaded it already (``dyce-serve`` does, to report artefact problems before
+    the server starts). An HTTP worker process passes ``remote``, its channel to the engine."""
+    observed = Metrics()  # this process's: in one process the engine's and the edge's alike
+    engine: Engine | RemoteEngine = remote if remote is not None else Engine(settings, runtime, observed)
+    gateway = Gateway(settings, engine, observed)
 
     def warm_up_done(task: asyncio.Task[None]) -> None:
         if not task.cancelled() and (err := task.exception()) is not None:
             log.debug("warm-up failed", exc_info=err)
-            service.fail(f"warm-up failed: {type(err).__name__}: {err}")
+            engine.fail(f"warm-up failed: {type(err).__name__}: {err}")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await service.load()  # artefact problems stop start-up here, with the reason
-        warm = asyncio.get_running_loop().create_task(service.warm_up(), name="dyce-warm-up")
+        if isinstance(engine, RemoteEngine):
+            await engine.connect()
+            try:
+                yield
+            finally:
+                await engine.close()
+                gateway.close()
+            return
+        await engine.load()  # artefact problems stop start-up here, with the reason
+        warm = asyncio.get_running_loop().create_task(engine.warm_up(), name="dyce-warm-up")
         warm.add_done_callback(warm_up_done)
         try:
             yield
         finally:
             warm.cancel()
             await asyncio.gather(warm, return_exceptions=True)
-            await service.stop()
+            await engine.stop()
+            gateway.close()
 
     app = FastAPI(
         title="DyCE Serve",
@@ -188,7 +203,8 @@ def create_app(settings: Settings, runtime: ModelRuntime | None = None) -> FastA
         summary="Early-exit image classification with run-time accuracy/compute tiers",
         lifespan=lifespan,
     )
-    app.state.service = service
+    app.state.gateway = gateway
+    app.state.engine = engine
     install_error_handlers(app)
 
     @app.exception_handler(Exception)
@@ -199,30 +215,30 @@ def create_app(settings: Settings, runtime: ModelRuntime | None = None) -> FastA
     # The OpenAPI document lists each router's refusals with their real body (schemathesis checks it).
     for module in (classify, v2, admin, metrics):
         app.include_router(module.router, responses=ROUTER_ERRORS.get(module.router.prefix))
-    app.add_middleware(ObserveRequests, service=service, fast_routes=_fast_routes(app, service))
+    app.add_middleware(ObserveRequests, gateway=gateway, fast_routes=_fast_routes(app, gateway))
     _document_settings(app, settings)
     return app
 
 
-def _fast_routes(app: FastAPI, service: Service) -> dict[str, FastRoute]:
+def _fast_routes(app: FastAPI, gateway: Gateway) -> dict[str, FastRoute]:
     """The request paths of the hot routes, each with its route and its answer."""
     # The routers' own APIRoute objects: what FastAPI puts in scope["route"] for these paths.
     routes = {r.path: r for module in (classify, v2) for r in module.router.routes if isinstance(r, APIRoute)}
     # What Starlette's ExceptionMiddleware handles; Exception itself is ServerErrorMiddleware's.
     handlers = {key: h for key, h in app.exception_handlers.items() if isinstance(key, type) and key is not Exception}
-    model = service.settings.model_name
+    model = gateway.settings.model_name
 
     def route(path: str, answer: Callable[[Request], Awaitable[Response]]) -> FastRoute:
         return FastRoute(routes[path], answer, handlers)
 
     return {
-        "/v1/classify": route("/v1/classify", lambda r: classify.classify_one(r, service, classify.ClassifyQuery())),
+        "/v1/classify": route("/v1/classify", lambda r: classify.classify_one(r, gateway, classify.ClassifyQuery())),
         "/v1/classify/batch": route(
-            "/v1/classify/batch", lambda r: classify.classify_many(r, service, classify.ClassifyQuery())
+            "/v1/classify/batch", lambda r: classify.classify_many(r, gateway, classify.ClassifyQuery())
         ),
-        f"/v2/models/{model}/infer": route("/v2/models/{name}/infer", lambda r: v2.infer(r, service, model)),
+        f"/v2/models/{model}/infer": route("/v2/models/{name}/infer", lambda r: v2.infer(r, gateway, model)),
         f"/v2/models/{model}/versions/{v2.VERSION}/infer": route(
-            "/v2/models/{name}/versions/{version}/infer", lambda r: v2.infer(r, service, model, v2.VERSION)
+            "/v2/models/{name}/versions/{version}/infer", lambda r: v2.infer(r, gateway, model, v2.VERSION)
         ),
     }
 

@@ -25,7 +25,8 @@ from torchvision.transforms.v2.functional import (
 
 from dyce.preprocess import PreprocessSpec
 
-from .errors import BadRequest, TooLarge, UnsupportedMediaType
+from ..errors import BadRequest, TooLarge, UnsupportedMediaType
+from ..settings import Settings
 
 ACCEPTED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 ACCEPTED_MEDIA_TYPES = frozenset(ACCEPTED_FORMATS.values()) | {"image/jpg"}
@@ -73,6 +74,11 @@ class ImageDecoder:
         self.max_side = max_side
         self.max_aspect_ratio = max_aspect_ratio
         self.shape = (preprocess.channels, preprocess.crop, preprocess.crop)
+
+    @classmethod
+    def from_settings(cls, preprocess: PreprocessSpec, settings: Settings) -> ImageDecoder:
+        """The server's decoder: the backbone's preprocessing, under the server's input limits."""
+        return cls(preprocess, settings.max_image_pixels, settings.max_image_side, settings.max_image_aspect_ratio)
 
     def _check_size(self, width: int, height: int) -> None:
         if width == 0 or height == 0:

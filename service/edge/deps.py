@@ -8,26 +8,26 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from .errors import Forbidden, Unauthorized
-from .serving import Service
+from ..errors import Forbidden, Unauthorized
+from .gateway import Gateway
 
 
 # Dependencies are coroutines: FastAPI runs a plain ``def`` dependency in its thread pool, a
 # thread hop per request (about 0.2 ms on a 2-core host) for a dictionary lookup.
-async def get_service(request: Request) -> Service:
-    return request.app.state.service
+async def get_gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
 
 
-ServiceDep = Annotated[Service, Depends(get_service)]
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 _bearer = HTTPBearer(auto_error=False, description="DYCE_ADMIN_TOKEN")
 
 
 async def require_admin(
-    service: ServiceDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    gateway: GatewayDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     if credentials is None:
         raise Unauthorized("admin routes need `Authorization: Bearer <DYCE_ADMIN_TOKEN>`")
-    expected = service.settings.admin_token.get_secret_value().encode()
+    expected = gateway.settings.admin_token.get_secret_value().encode()
     if not hmac.compare_digest(credentials.credentials.encode(), expected):
         raise Forbidden("wrong admin token")

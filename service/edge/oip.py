@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import BadRequest
+from ..errors import BadRequest
 
 HEADER_LENGTH = "inference-header-content-length"
 

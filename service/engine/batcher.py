@@ -31,8 +31,9 @@ import torch
 from dyce.config import ExitConfiguration
 from dyce.pipeline import EarlyExitPipeline, ExitedSamples
 
-from .errors import QueueFull
-from .runtime import Tier
+from ..errors import QueueFull
+from .api import Answer
+from .tiers import Tier
 
 log = logging.getLogger("dyce.service")
 
@@ -50,8 +51,9 @@ class Reservation:
 class Job:
     images: torch.Tensor  # (k, C, H, W)
     tier: Tier
-    overrides_active: bool  # the client asked for a tier other than the active one
-    future: asyncio.Future[JobResult]
+    requested: bool  # the client chose the tier
+    overrides_active: bool  # ... and it is not the active one
+    future: asyncio.Future[Answer]
     nbytes: int = 0  # what the request holds in memory while queued (encoded + decoded)
     enqueued: float = field(default_factory=time.perf_counter)
     admitted: float = 0.0
@@ -65,17 +67,6 @@ class Job:
     @property
     def size(self) -> int:
         return int(self.images.shape[0])
-
-
-@dataclass(frozen=True)
-class JobResult:
-    probabilities: torch.Tensor  # (k, num_classes)
-    exit_positions: np.ndarray  # (k,)
-    relative_macs: np.ndarray  # (k,)
-    tier: Tier
-    queue_s: float  # enqueue -> admitted into the pipeline
-    inference_s: float  # admitted -> last image left
-    batch_size: int  # images admitted in the same step
 
 
 @dataclass(frozen=True)
@@ -194,12 +185,15 @@ class DynamicBatcher:
             self._reserved_images -= reservation.images
             self._reserved_bytes -= reservation.nbytes
 
-    def submit(self, images: torch.Tensor, tier: Tier, overrides_active: bool, reservation: Reservation) -> Job:
+    def submit(
+        self, images: torch.Tensor, tier: Tier, requested: bool, overrides_active: bool, reservation: Reservation
+    ) -> Job:
         """Queue a request's images in the room its reservation held."""
         if not reservation.held:
             raise RuntimeError("submit needs a reservation that is still held")
         self.release(reservation)
-        job = Job(images, tier, overrides_active, asyncio.get_running_loop().create_future(), reservation.nbytes)
+        future = asyncio.get_running_loop().create_future()
+        job = Job(images, tier, requested, overrides_active, future, reservation.nbytes)
         self._queue.append(job)
         self._queued_images += job.size
         self._queued_bytes += job.nbytes
@@ -316,11 +310,12 @@ class DynamicBatcher:
         if job.future.done():
             return  # timed out or abandoned while inside: its rows are discarded
         job.future.set_result(
-            JobResult(
+            Answer(
                 probabilities=job.probabilities,
                 exit_positions=job.exit_positions,
                 relative_macs=job.relative_macs,
                 tier=job.tier,
+                requested=job.requested,
                 queue_s=job.admitted - job.enqueued,
                 inference_s=finished - job.admitted,
                 batch_size=job.admitted_with,

@@ -1,0 +1,222 @@
+"""Several HTTP worker processes in front of one engine process (DYCE_HTTP_WORKERS=2), run as
+``dyce-serve`` runs in production: a real subprocess, real sockets, real worker processes.
+
+What must hold across processes, each checked against something the server does not compute:
+answers equal the plain model run by hand at the tier the admin chose; a switch holds for every
+worker at once; /metrics counts every request whichever worker answered it; the engine's
+admission (429) and tier errors (422) reach the client as they do from one process; a killed
+worker is replaced; SIGTERM ends everything with status 0 and leaves no metric files behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service import Settings
+from service.edge.decode import ImageDecoder
+from service.engine.model import ModelRuntime
+from tests.conftest import ADMIN_TOKEN, free_port
+
+WORKERS = 2
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _children(pid: int) -> list[int]:
+    """Worker processes of the server: its children that run multiprocessing's spawn entry."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == pid and b"multiprocessing" in cmdline and b"resource_tracker" not in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+class Server:
+    def __init__(self, artifacts: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "DYCE_ARTIFACTS_DIR": str(artifacts),
+            "DYCE_ADMIN_TOKEN": ADMIN_TOKEN,
+            "DYCE_PORT": str(self.port),
+            "DYCE_HTTP_WORKERS": str(WORKERS),
+            "DYCE_MAX_BATCH_SIZE": "16",
+            "DYCE_CALIBRATION_ROUNDS": "2",
+            "DYCE_AUTOSWITCH": "manual",
+            "DYCE_SLO_P95_MS": "60000",
+            **env,
+        }
+        self.process: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> Server:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service"], env=self.env, cwd=ROOT, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.stderr.read()
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("the multi-process server did not become ready")
+        # every worker must be up (each says so once it has its channel to the engine)
+        while len(_children(self.process.pid)) < WORKERS and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self
+
+    def stop(self) -> tuple[int, str]:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        _, stderr = self.process.communicate(timeout=60)
+        return self.process.returncode, stderr
+
+    def __exit__(self, *_: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+
+def _each_on_a_new_connection(url: str, pngs: list[bytes], **params: object) -> list[httpx.Response]:
+    """One connection per request, so the kernel hands requests to different workers."""
+    return [
+        httpx.post(f"{url}/v1/classify", content=png, headers={"content-type": "image/png"}, params=params, timeout=30)
+        for png in pngs
+    ]
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{name}(\{{[^}}]*\}})? (\S+)$", line)
+        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+@pytest.fixture(scope="module")
+def server(core_demo_artifacts) -> Iterator[Server]:
+    with Server(core_demo_artifacts) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def reference(core_demo_artifacts):
+    settings = Settings(artifacts_dir=core_demo_artifacts, admin_token=ADMIN_TOKEN)
+    runtime = ModelRuntime(settings)
+    return runtime, ImageDecoder.from_settings(runtime.preprocess, settings)
+
+
+def test_workers_are_separate_processes_around_one_engine(server):
+    workers = _children(server.process.pid)
+    assert len(workers) == WORKERS, workers
+
+
+def test_a_switch_holds_for_every_worker_and_answers_equal_the_model_run_by_hand(server, reference, fmnist_pngs):
+    runtime, decoder = reference
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    bank = runtime.initial_bank
+    for index in (bank.frontier()[0], bank.most_accurate()):
+        switched = httpx.post(f"{server.url}/admin/active", json={"index": index}, headers=admin, timeout=30)
+        assert switched.status_code == 200, switched.text
+        answers = _each_on_a_new_connection(server.url, fmnist_pngs[:24])
+        config = bank.entries[index].config
+        for png, response in zip(fmnist_pngs[:24], answers, strict=True):
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["tier"]["bank_index"] == index
+            expected = runtime.run(decoder(png).unsqueeze(0), config)
+            assert body["exit_position"] == int(expected.exit_positions[0])
+            assert body["predictions"][0]["class_index"] == int(expected.probabilities[0].argmax())
+            assert body["predictions"][0]["probability"] == pytest.approx(float(expected.probabilities[0].max()))
+        # every worker reads the same active tier
+        for _ in range(2 * WORKERS):
+            active = httpx.get(f"{server.url}/admin/active", headers=admin, timeout=30).json()
+            assert active["tier"]["bank_index"] == index and active["mode"] == "manual"
+
+
+def test_metrics_count_every_request_whichever_worker_answered(server, fmnist_pngs):
+    before = httpx.get(f"{server.url}/metrics", timeout=30).text
+    sent = 30
+    answers = _each_on_a_new_connection(server.url, fmnist_pngs[:sent])
+    assert all(r.status_code == 200 for r in answers)
+    scrapes = [httpx.get(f"{server.url}/metrics", timeout=30).text for _ in range(2 * WORKERS)]
+    for after in scrapes:  # any worker's scrape reports the whole server
+        counted = _metric(after, "dyce_requests_total", route="/v1/classify", status="200") - _metric(
+            before, "dyce_requests_total", route="/v1/classify", status="200"
+        )
+        assert counted == sent
+        exits = _metric(after, "dyce_exits_total") - _metric(before, "dyce_exits_total")
+        assert exits == sent  # the engine's count, one per image
+        assert _metric(after, "dyce_model_ready") == 1
+        assert _metric(after, "dyce_in_flight_requests") >= 1  # the scrape itself
+
+
+def test_engine_refusals_cross_the_channel_as_json(core_demo_artifacts, fmnist_pngs):
+    with Server(core_demo_artifacts, DYCE_QUEUE_CAPACITY_IMAGES="4") as server:
+        files = [("files", (f"{i}.png", png, "image/png")) for i, png in enumerate(fmnist_pngs[:8])]
+        full = httpx.post(f"{server.url}/v1/classify/batch", files=files, timeout=30)
+        assert full.status_code == 429 and full.json()["code"] == "queue_full"
+        assert full.headers["retry-after"] == "1"
+        too_cheap = httpx.post(
+            f"{server.url}/v1/classify",
+            content=fmnist_pngs[0],
+            headers={"content-type": "image/png"},
+            params={"max_relative_macs": 1e-9},
+            timeout=30,
+        )
+        assert too_cheap.status_code == 422 and too_cheap.json()["code"] == "invalid"
+        fine = httpx.post(
+            f"{server.url}/v1/classify", content=fmnist_pngs[0], headers={"content-type": "image/png"}, timeout=30
+        )
+        assert fine.status_code == 200
+
+        # a worker killed outright is replaced, and the server keeps answering meanwhile
+        victim = _children(server.process.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            workers = _children(server.process.pid)
+            if victim not in workers and len(workers) == WORKERS:
+                break
+            time.sleep(0.2)
+        assert victim not in workers and len(workers) == WORKERS
+        answers = _each_on_a_new_connection(server.url, fmnist_pngs[:10])
+        assert [r.status_code for r in answers] == [200] * 10
+
+        status, stderr = server.stop()
+        assert status == 0, stderr
+        assert "Traceback" not in stderr, stderr
+        metrics_dir = re.search(r"metric files in (\S+)", stderr)
+        assert metrics_dir is not None, stderr
+        assert not Path(metrics_dir.group(1)).exists()
+
+
+def test_auto_process_count_keeps_one_process_on_small_hosts():
+    settings = Settings(admin_token=ADMIN_TOKEN)
+    assert settings.http_processes(cores=2) == 1
+    assert settings.http_processes(cores=4) == 1
+    assert settings.http_processes(cores=16) == 4
+    assert Settings(admin_token=ADMIN_TOKEN, device="cuda").http_processes(cores=16) == 8
+    assert Settings(admin_token=ADMIN_TOKEN, http_workers=3).http_processes(cores=2) == 3
