@@ -32,8 +32,6 @@ Run: python bench/peers.py [--artifacts artifacts] [--seconds 10] [--concurrency
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shutil
@@ -46,7 +44,6 @@ from pathlib import Path
 
 import httpx
 import litserve as ls
-import numpy as np
 import torch
 import typer
 from measure import print_rows
@@ -55,11 +52,13 @@ from serving_harness import (
     ARTIFACTS,
     MAX_DROP,
     TORCH_THREADS,
+    Body,
     cpu_summary,
     drop_tier,
     fashion_mnist_pngs,
     free_port,
     gpu_summary,
+    hey,
     load_bank,
     measured_server,
 )
@@ -69,13 +68,12 @@ from service.edge.decode import ImageDecoder
 
 console = Console(stderr=True)
 OUT = Path(__file__).parent / "out"
-Body = tuple[bytes, str]  # content, content type
 
 
 def multipart(pngs: list[bytes], field: str) -> Body:
     files = [(field, (f"{i}.png", png, "image/png")) for i, png in enumerate(pngs)]
     request = httpx.Request("POST", "http://x/", files=files)
-    return request.read(), request.headers["content-type"]
+    return request.read(), request.headers["content-type"], {}
 
 
 # LitServe side ---------------------------------------------------------------------------------
@@ -181,39 +179,6 @@ class LitServeProcess:
             pass
 
 
-# Load ------------------------------------------------------------------------------------------
-def hey(url: str, bodies: list[Body], clients: list[int], seconds: float, scratch: Path, images: int) -> dict:
-    """One ``hey`` per body with its number of closed-loop clients, all at once; figures from their CSVs."""
-    procs = []
-    for i, ((content, content_type), count) in enumerate(zip(bodies, clients, strict=True)):
-        path = scratch / f"body-{i}.bin"
-        path.write_bytes(content)
-        command = ["hey", "-z", f"{seconds:g}s", "-c", str(count), "-t", "30", "-m", "POST", "-T", content_type]
-        procs.append(subprocess.Popen([*command, "-D", str(path), "-o", "csv", url], stdout=subprocess.PIPE))
-    latencies, starts, ends, failed = [], [], [], 0
-    for proc in procs:
-        out, _ = proc.communicate()
-        for row in csv.DictReader(io.StringIO(out.decode())):
-            elapsed, offset = float(row["response-time"]), float(row["offset"])
-            starts.append(offset)
-            ends.append(offset + elapsed)
-            if row["status-code"] == "200":
-                latencies.append(elapsed)
-            else:
-                failed += 1
-    span = max(ends) - min(starts) if ends else float("nan")
-    pct = (lambda q: float(np.percentile(latencies, q) * 1e3)) if latencies else (lambda q: float("nan"))
-    return {
-        "requests_per_s": len(latencies) / span,
-        "images_per_s": len(latencies) * images / span,
-        "p50_ms": pct(50),
-        "p95_ms": pct(95),
-        "p99_ms": pct(99),
-        "non_200": failed,
-        "requests": len(latencies),
-    }
-
-
 def main(
     artifacts: Path = ARTIFACTS,
     max_drop: float = MAX_DROP,
@@ -224,6 +189,7 @@ def main(
     images: int = typer.Option(8, help="images per request in the second round"),
     max_batch_size: int = typer.Option(32, help="images per model call, both servers"),
     torch_threads: int = TORCH_THREADS,
+    http_workers: int = typer.Option(0, help="this service's HTTP worker processes; 0 = its choice from the cores"),
     litserve_batch_timeout: float = typer.Option(
         0.005, help="LitServe's wait to fill a batch; 0 makes its worker poll its queue without sleeping"
     ),
@@ -261,7 +227,7 @@ def main(
         with LitServeProcess(artifacts, log, batch_requests, litserve_batch_timeout, torch_threads) as litserve:
             phase(f"litserve_{suffix}", f"{litserve.url}/predict", bodies, per_request)
 
-    with measured_server(artifacts, OUT / "peers-server.log", torch_threads, max_batch_size) as server:
+    with measured_server(artifacts, OUT / "peers-server.log", torch_threads, max_batch_size, http_workers) as server:
         for tier, index in (("top", top), ("drop", drop)):
             server.pin(index)
             phase(f"{tier}_1img", f"{server.url}/v1/classify", single, 1)
@@ -297,6 +263,7 @@ def main(
         "drop_index": drop,
         "max_batch_size": max_batch_size,
         "torch_threads": torch_threads,
+        "http_workers": http_workers,
         "litserve_batch_timeout_s": litserve_batch_timeout,
         "host": host,
         "artifacts": str(artifacts),

@@ -2,12 +2,14 @@
 
 In-process baseline: the service's own decoder and ``EarlyExitExecutor.run`` (same artefacts,
 same torch threads). Served: ``dyce-serve`` in its own process, pinned to each tier through the
-admin API, driven by httpx with real Fashion-MNIST PNGs:
+admin API, with real Fashion-MNIST PNGs:
 
 * batch 1: sequential requests on one keep-alive connection; overhead = served p50 - bare p50
   (bare = decode + executor for one image); ``http_floor_p50_ms`` is an empty GET's round trip
   on the same client, the part of the overhead that any HTTP request pays on this machine;
-* under load: ``--concurrency`` closed-loop clients for ``--seconds``, each posting
+* under load: ``--concurrency`` closed-loop ``hey`` clients (``--clients-per-hey`` to a process,
+  each process its own request; a Go client, so the load generator takes less of the CPU it
+  shares with the server than a Python one would) for ``--seconds``, each posting
   ``--images-per-request`` images to ``/v1/classify/batch`` (with one image per request this
   tiny model is HTTP-bound and every tier serves alike); throughput in images/s, against the
   bare executor (``run`` on batches of the server's max batch size) and the in-process
@@ -22,9 +24,10 @@ Run: python bench/serve.py [--artifacts artifacts] [--max-drop 0.005] [--seconds
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,8 +41,12 @@ from serving_harness import (
     ARTIFACTS,
     MAX_DROP,
     TORCH_THREADS,
+    Body,
+    cpu_summary,
     drop_tier,
     fashion_mnist_pngs,
+    gpu_summary,
+    hey,
     load_bank,
     measured_server,
     percentile_ms,
@@ -116,20 +123,20 @@ def served_batch1(url: str, pngs: list[bytes]) -> list[float]:
     return times
 
 
-Body = tuple[str, bytes, dict[str, str]]  # path, content, headers
+Request = tuple[str, Body]  # path, body
 
 
-def v1_bodies(pngs: list[bytes], per_request: int) -> list[Body]:
+def v1_bodies(pngs: list[bytes], per_request: int) -> list[Request]:
     """Multipart ``/v1/classify/batch`` requests, encoded once so the client only sends bytes."""
     bodies = []
     for start in range(0, len(pngs) - per_request + 1, per_request):
         files = [("files", (f"{i}.png", png, "image/png")) for i, png in enumerate(pngs[start : start + per_request])]
         request = httpx.Request("POST", "http://x/v1/classify/batch", files=files)
-        bodies.append(("/v1/classify/batch", request.read(), {"content-type": request.headers["content-type"]}))
+        bodies.append(("/v1/classify/batch", (request.read(), request.headers["content-type"], {})))
     return bodies
 
 
-def v2_bodies(runtime: ModelRuntime, pngs: list[bytes], per_request: int, model: str) -> list[Body]:
+def v2_bodies(runtime: ModelRuntime, pngs: list[bytes], per_request: int, model: str) -> list[Request]:
     """Open Inference Protocol requests with preprocessed FP32 tensors in the binary extension."""
     bodies = []
     for start in range(0, len(pngs) - per_request + 1, per_request):
@@ -144,39 +151,19 @@ def v2_bodies(runtime: ModelRuntime, pngs: list[bytes], per_request: int, model:
                 "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
             }
         ).encode()  # fmt: skip
-        bodies.append(
-            (f"/v2/models/{model}/infer", header + raw, {"Inference-Header-Content-Length": str(len(header))})
-        )
+        headers = {"Inference-Header-Content-Length": str(len(header))}
+        bodies.append((f"/v2/models/{model}/infer", (header + raw, "application/octet-stream", headers)))
     return bodies
 
 
-async def served_load(
-    url: str, bodies: list[Body], per_request: int, concurrency: int, seconds: float
-) -> tuple[float, list[float], int]:
-    """Closed-loop clients sending prepared bodies; returns images/s, latencies, errors."""
-    latencies: list[float] = []
-    errors = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-        stop = time.perf_counter() + seconds
-
-        async def worker(offset: int) -> None:
-            nonlocal errors
-            i = offset
-            while time.perf_counter() < stop:
-                path, content, headers = bodies[i % len(bodies)]
-                i += concurrency
-                start = time.perf_counter()
-                response = await client.post(path, content=content, headers=headers)
-                if response.status_code == 200:
-                    latencies.append(time.perf_counter() - start)
-                else:
-                    errors += 1
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return len(latencies) * per_request / elapsed, latencies, errors
+def served_load(
+    url: str, requests: list[Request], per_request: int, concurrency: int, seconds: float, clients_per_hey: int
+) -> dict:
+    """Closed-loop ``hey`` clients, ``clients_per_hey`` to a process, each process its own body."""
+    clients = [min(clients_per_hey, concurrency - start) for start in range(0, concurrency, clients_per_hey)]
+    (path, _), bodies = requests[0], [body for _, body in requests[: len(clients)]]
+    with tempfile.TemporaryDirectory(prefix="dyce-serve-") as scratch:
+        return hey(url + path, bodies, clients, seconds, Path(scratch), per_request)
 
 
 def main(
@@ -185,10 +172,13 @@ def main(
     requests: int = typer.Option(300, help="sequential batch-1 requests per tier"),
     seconds: float = typer.Option(6.0, help="duration of each load phase"),
     concurrency: int = typer.Option(16, help="closed-loop clients under load"),
+    clients_per_hey: int = typer.Option(4, help="clients per hey process, each process its own request body"),
     max_batch_size: int = typer.Option(32, help="the server's max batch, and the bare executor's batch"),
     images_per_request: int = typer.Option(8, help="images per request under load (/v1/classify/batch)"),
     torch_threads: int = TORCH_THREADS,
+    http_workers: int = typer.Option(0, help="the server's HTTP worker processes; 0 = its choice from the cores"),
 ) -> None:
+    load_before = os.getloadavg()
     bank = load_bank(artifacts)
     top, drop = bank.most_accurate(), drop_tier(bank, max_drop)
     tiers = {"top": top, "drop": drop}
@@ -208,7 +198,7 @@ def main(
         figures[name]["bare_throughput"] = bare_throughput(runtime, pngs, config, max_batch_size, seconds / 2)
         figures[name]["pipeline_throughput"] = pipeline_throughput(runtime, pngs, config, max_batch_size, seconds / 2)
 
-    with measured_server(artifacts, OUT / "serve-server.log", torch_threads, max_batch_size) as server:
+    with measured_server(artifacts, OUT / "serve-server.log", torch_threads, max_batch_size, http_workers) as server:
         floor_p50_ms = percentile_ms(http_floor(server.url, requests), 50)
         for name, index in track(list(tiers.items()), description="serving", console=console):
             server.pin(index)
@@ -217,13 +207,12 @@ def main(
             figures[name]["served_p50_ms"] = percentile_ms(served, 50)
             figures[name]["served_p95_ms"] = percentile_ms(served, 95)
             for api, bodies in (("v1", png_bodies), ("v2", tensor_bodies)):
-                throughput, latencies, errors = asyncio.run(
-                    served_load(server.url, bodies, images_per_request, concurrency, seconds)
-                )
-                figures[name][f"{api}_served_throughput"] = throughput
-                figures[name][f"{api}_load_p50_ms"] = percentile_ms(latencies, 50)
-                figures[name][f"{api}_load_p95_ms"] = percentile_ms(latencies, 95)
-                figures[name][f"{api}_load_errors"] = errors
+                served_load(server.url, bodies, images_per_request, concurrency, 1.0, clients_per_hey)  # warm
+                load = served_load(server.url, bodies, images_per_request, concurrency, seconds, clients_per_hey)
+                figures[name][f"{api}_served_throughput"] = load["images_per_s"]
+                figures[name][f"{api}_load_p50_ms"] = load["p50_ms"]
+                figures[name][f"{api}_load_p95_ms"] = load["p95_ms"]
+                figures[name][f"{api}_load_errors"] = load["non_200"]
 
     table = Table("tier", "bank index", "rel. MACs", "accuracy", "bare p50 ms", "served p50 ms", "bare img/s",
                   "pipeline img/s", "v1 img/s", "v2 img/s", "v2 load p95 ms")  # fmt: skip
@@ -253,6 +242,7 @@ def main(
         "pipeline_gain": gain("pipeline_throughput"),
         "images_per_request": images_per_request,
         "concurrency": concurrency,
+        "http_workers": http_workers,
         "predicted_gain": predicted_gain,
         "top_index": top,
         "drop_index": drop,
@@ -261,6 +251,9 @@ def main(
         "tiers": figures,
         "artifacts": str(artifacts),
         "torch_threads": torch_threads,
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "host": {"cpu": cpu_summary(), "gpu": gpu_summary()},
     }
     print(json.dumps(result))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import os
 import secrets
@@ -115,11 +116,13 @@ MAX_DROP = typer.Option(0.005, help="accuracy drop (relative to the best entry) 
 TORCH_THREADS = typer.Option(1, help="intra-op threads, in every process that runs the model")
 
 
-def measured_server(artifacts: Path, log_path: Path, torch_threads: int, max_batch_size: int) -> ServerProcess:
+def measured_server(
+    artifacts: Path, log_path: Path, torch_threads: int, max_batch_size: int, http_workers: int = 0
+) -> ServerProcess:
     """``dyce-serve`` as the throughput benches run it: tiers pinned by hand, a deep queue, and a
     latency objective no closed loop reaches, so it measures serving, not admission (which
     applies to pinned tiers too)."""
-    settings = {"autoswitch": "manual", "queue_capacity": 4096, "slo_p95_ms": 60_000}
+    settings = {"autoswitch": "manual", "queue_capacity": 4096, "slo_p95_ms": 60_000, "http_workers": http_workers}
     return ServerProcess(artifacts, log_path, torch_threads=torch_threads, max_batch_size=max_batch_size, **settings)
 
 
@@ -144,3 +147,43 @@ def gpu_summary() -> str:
 
 def percentile_ms(seconds: list[float], q: float) -> float:
     return float(np.percentile(seconds, q) * 1e3) if seconds else float("nan")
+
+
+# Load ------------------------------------------------------------------------------------------
+Body = tuple[bytes, str, dict[str, str]]  # content, content type, other headers
+
+
+def hey(url: str, bodies: list[Body], clients: list[int], seconds: float, scratch: Path, images: int) -> dict:
+    """One ``hey`` per body with its number of closed-loop clients, all at once; figures from their
+    CSVs. A Go load generator: one Python process cannot drive these rates, and on a small host
+    its own CPU would be taken from the server it measures."""
+    procs = []
+    for i, ((content, content_type, headers), count) in enumerate(zip(bodies, clients, strict=True)):
+        path = scratch / f"body-{i}.bin"
+        path.write_bytes(content)
+        command = ["hey", "-z", f"{seconds:g}s", "-c", str(count), "-t", "30", "-m", "POST", "-T", content_type]
+        for name, value in headers.items():
+            command += ["-H", f"{name}: {value}"]
+        procs.append(subprocess.Popen([*command, "-D", str(path), "-o", "csv", url], stdout=subprocess.PIPE))
+    latencies, starts, ends, failed = [], [], [], 0
+    for proc in procs:
+        out, _ = proc.communicate()
+        for row in csv.DictReader(io.StringIO(out.decode())):
+            elapsed, offset = float(row["response-time"]), float(row["offset"])
+            starts.append(offset)
+            ends.append(offset + elapsed)
+            if row["status-code"] == "200":
+                latencies.append(elapsed)
+            else:
+                failed += 1
+    span = max(ends) - min(starts) if ends else float("nan")
+    pct = (lambda q: float(np.percentile(latencies, q) * 1e3)) if latencies else (lambda q: float("nan"))
+    return {
+        "requests_per_s": len(latencies) / span,
+        "images_per_s": len(latencies) * images / span,
+        "p50_ms": pct(50),
+        "p95_ms": pct(95),
+        "p99_ms": pct(99),
+        "non_200": failed,
+        "requests": len(latencies),
+    }

@@ -97,10 +97,7 @@ class Supervisor:
         engine_path = str(self.metrics_dir.parent / f"{self.metrics_dir.name}.engine.sock")
         server = EngineServer(engine, engine_path)
         await server.start()
-        warm = loop.create_task(engine.warm_up(), name="dyce-warm-up")
-        warm.add_done_callback(
-            lambda t: t.cancelled() or t.exception() is None or engine.fail(f"warm-up failed: {t.exception()}")
-        )
+        warm = engine.start_warm_up()
         listener = _bind(self.settings)
         self.workers = [self._start_worker(listener, engine_path) for _ in range(self.count)]
         log.info(

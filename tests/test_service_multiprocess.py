@@ -213,10 +213,12 @@ def test_engine_refusals_cross_the_channel_as_json(core_demo_artifacts, fmnist_p
         assert not Path(metrics_dir.group(1)).exists()
 
 
-def test_auto_process_count_keeps_one_process_on_small_hosts():
+def test_process_count_follows_the_cores_unless_set():
     settings = Settings(admin_token=ADMIN_TOKEN)
-    assert settings.http_processes(cores=2) == 1
-    assert settings.http_processes(cores=4) == 1
+    assert settings.http_processes(cores=1) == 1
+    assert settings.http_processes(cores=2) == 2
+    assert settings.http_processes(cores=4) == 2
     assert settings.http_processes(cores=16) == 4
+    assert settings.http_processes(cores=128) == 8
     assert Settings(admin_token=ADMIN_TOKEN, device="cuda").http_processes(cores=16) == 8
     assert Settings(admin_token=ADMIN_TOKEN, http_workers=3).http_processes(cores=2) == 3

@@ -171,11 +171,6 @@ def create_app(settings: Settings, runtime: ModelRuntime | None = None, remote: 
     engine: Engine | RemoteEngine = remote if remote is not None else Engine(settings, runtime, observed)
     gateway = Gateway(settings, engine, observed)
 
-    def warm_up_done(task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and (err := task.exception()) is not None:
-            log.debug("warm-up failed", exc_info=err)
-            engine.fail(f"warm-up failed: {type(err).__name__}: {err}")
-
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if isinstance(engine, RemoteEngine):
@@ -187,8 +182,7 @@ def create_app(settings: Settings, runtime: ModelRuntime | None = None, remote: 
                 gateway.close()
             return
         await engine.load()  # artefact problems stop start-up here, with the reason
-        warm = asyncio.get_running_loop().create_task(engine.warm_up(), name="dyce-warm-up")
-        warm.add_done_callback(warm_up_done)
+        warm = engine.start_warm_up()
         try:
             yield
         finally:

@@ -79,6 +79,18 @@ class Engine(Health):
         self.metrics.watch_queue(lambda: self.batcher.depth if self.batcher else 0)
         self._info = ModelInfo(runtime.labels, runtime.input_shape, runtime.backbone_positions, runtime.preprocess)
 
+    def start_warm_up(self) -> asyncio.Task[None]:
+        """Warm up in the background, so health probes answer meanwhile; a failure is fatal."""
+        task = asyncio.get_running_loop().create_task(self.warm_up(), name="dyce-warm-up")
+
+        def done(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and (err := task.exception()) is not None:
+                log.debug("warm-up failed", exc_info=err)
+                self.fail(f"warm-up failed: {type(err).__name__}: {err}")
+
+        task.add_done_callback(done)
+        return task
+
     async def warm_up(self) -> None:
         runtime, state = self._loaded()
         started = time.perf_counter()
