@@ -38,7 +38,7 @@ import torch
 import typer
 from rich.console import Console
 from rich.table import Table
-from serve import Body, served_load, v2_bodies
+from serve import Request, served_load, v2_bodies
 from serving_harness import ServerProcess, fashion_mnist_pngs, load_bank, percentile_ms
 
 from service.engine.model import ModelRuntime
@@ -68,8 +68,9 @@ class Run:
     lag: list[float] = field(default_factory=list)  # how late each request left the generator
 
 
-async def _send(client: httpx.AsyncClient, body: Body, run: Run, due: float, origin: float) -> None:
-    path, content, headers = body
+async def _send(client: httpx.AsyncClient, request: Request, run: Run, due: float, origin: float) -> None:
+    path, (content, content_type, headers) = request
+    headers = {"content-type": content_type, **headers}
     index, server_latency = None, None
     try:
         response = await client.post(path, content=content, headers=headers)
@@ -92,7 +93,7 @@ async def _poll_tier(server: ServerProcess, run: Run, origin: float, stop: async
 
 
 async def open_loop(
-    server: ServerProcess, bodies: list[Body], schedule: list[tuple[float, float]], per_request: int, seed: int
+    server: ServerProcess, bodies: list[Request], schedule: list[tuple[float, float]], per_request: int, seed: int
 ) -> Run:
     """Poisson arrivals at ``rate`` images/s for ``seconds``, step after step."""
     run, rng = Run(), random.Random(seed)
@@ -250,8 +251,10 @@ def main(
     with server:
         server.pin(top)
         console.print(f"[bold]capacity[/]: top tier {top} pinned, closed loop for {capacity_seconds:g} s")
-        asyncio.run(served_load(server.url, bodies, images_per_request, 16, 2.0))  # warm
-        capacity, _, _ = asyncio.run(served_load(server.url, bodies, images_per_request, 16, capacity_seconds))
+        served_load(server.url, bodies, images_per_request, 16, 2.0, clients_per_hey=4)  # warm
+        capacity = served_load(server.url, bodies, images_per_request, 16, capacity_seconds, clients_per_hey=4)[
+            "images_per_s"
+        ]
         overload = max(rate for rate, _ in steps)
         console.print(f"capacity {capacity:.0f} images/s; [bold]full model alone[/] at {overload:g}x")
         alone = asyncio.run(

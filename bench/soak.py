@@ -2,9 +2,10 @@
 
 ``dyce-serve`` runs in its own process on a free port against ``--artifacts``; closed-loop httpx
 clients post real Fashion-MNIST PNGs to ``/v1/classify``. After ``--warmup`` requests (allocator
-pools, caches and metric children settle), the server's RSS (``/proc/<pid>/status``) is the
-start; then ``--pinned`` requests with the tier pinned through ``/admin/active`` (manual mode, the
-state in which issue 11 found the load window growing without bound), then ``--auto`` requests
+pools, caches and metric children settle), the server's RSS (``/proc/<pid>/status``, summed over
+the engine process and its HTTP worker processes) is the start; then ``--pinned`` requests with
+the tier pinned through ``/admin/active`` (manual mode, the state in which issue 11 found the
+load window growing without bound), then ``--auto`` requests
 with the autoswitcher on. RSS is sampled along the way; the last line is JSON with
 ``rss_growth_pct`` (end vs start), the request and error counts (admission control's 429s are
 counted apart: they are load, not faults), and the host: CPU flags, GPU, load average (a busy
@@ -16,6 +17,7 @@ Run: python bench/soak.py [--artifacts artifacts] [--pinned 30000] [--auto 5000]
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -36,12 +38,37 @@ console = Console(stderr=True)
 OUT = Path(__file__).parent / "out"
 
 
-def rss_mb(pid: int) -> float:
+def _rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def rss_mb(pid: int) -> float:
+    """The server's resident memory: its own and every process it started (the HTTP workers)."""
+    total = _rss_mb(pid)
+    for child in _descendants(pid):
+        with contextlib.suppress(OSError, RuntimeError):
+            total += _rss_mb(child)
+    return total
 
 
 class Load:
