@@ -34,11 +34,11 @@ def main() -> None:
         log.warning("INSECURE DEV MODE: admin token for this run: %s", settings.admin_token.get_secret_value())
 
     workers = settings.http_processes()
-    metrics_dir = None
+    run_dir = None
     if workers > 1:
-        from .multiprocess import prepare_metrics_dir
+        from .multiprocess import prepare_run_dir
 
-        metrics_dir = prepare_metrics_dir()  # before anything imports prometheus-client
+        run_dir = prepare_run_dir()  # before anything imports prometheus-client
 
     import uvicorn
 
@@ -55,10 +55,10 @@ def main() -> None:
         log.debug("start-up failed", exc_info=err)
         _refuse(f"cannot start: {type(err).__name__}: {err} (DYCE_LOG_LEVEL=debug shows the traceback)", 1)
 
-    if metrics_dir is not None:
+    if run_dir is not None:
         from .multiprocess import serve
 
-        if (failure := serve(settings, runtime, workers, metrics_dir)) is not None:
+        if (failure := serve(settings, runtime, workers, run_dir)) is not None:
             _refuse(f"stopped: {failure}", 1)
         return
 

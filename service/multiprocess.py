@@ -13,12 +13,14 @@ process), serves the engine's socket, binds the HTTP socket and starts the worke
 ``spawn`` (a forked copy of a process that already runs torch threads can deadlock). A worker
 that dies is started again; the engine failing stops everything with status 1, so an
 orchestrator restarts the replica. Metrics go through prometheus-client's multiprocess mode,
-whose directory this process creates empty and removes at the end.
+whose directory this process creates empty, beside the engine's socket in a private directory
+it removes at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import multiprocessing
 import os
@@ -36,11 +38,17 @@ log = logging.getLogger("dyce.service")
 RESTART_PAUSE_S = 1.0  # a worker that dies at once is not restarted in a tight loop
 
 
-def prepare_metrics_dir() -> Path:
-    """A fresh directory for every process's metric files; set before prometheus-client is imported."""
-    directory = Path(tempfile.mkdtemp(prefix="dyce-metrics-"))
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    return directory
+def prepare_run_dir() -> Path:
+    """A fresh private directory (mode 0700) for the engine's socket and every process's metric
+    files; the metrics' place is set before prometheus-client is imported.
+
+    Private because the channel carries pickles: only this user's processes may connect.
+    """
+    run_dir = Path(tempfile.mkdtemp(prefix="dyce-"))
+    atexit.register(shutil.rmtree, run_dir, True)  # also when start-up is refused before serving
+    (run_dir / "metrics").mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(run_dir / "metrics")
+    return run_dir
 
 
 def run_worker(settings: Settings, sockets: list[socket.socket], engine_path: str, log_level: str) -> None:
@@ -61,11 +69,11 @@ def run_worker(settings: Settings, sockets: list[socket.socket], engine_path: st
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, runtime: object, workers: int, metrics_dir: Path) -> None:
+    def __init__(self, settings: Settings, runtime: object, workers: int, run_dir: Path) -> None:
         self.settings = settings
         self.runtime = runtime
         self.count = workers
-        self.metrics_dir = metrics_dir
+        self.run_dir = run_dir
         self.context = multiprocessing.get_context("spawn")
         self.workers: list[BaseProcess] = []
         self.stopping = asyncio.Event()
@@ -94,7 +102,7 @@ class Supervisor:
         engine = Engine(self.settings, self.runtime, Metrics())
         engine.on_fatal.append(self._engine_failed)
         await engine.load()
-        engine_path = str(self.metrics_dir.parent / f"{self.metrics_dir.name}.engine.sock")
+        engine_path = str(self.run_dir / "engine.sock")
         server = EngineServer(engine, engine_path)
         await server.start()
         warm = engine.start_warm_up()
@@ -102,7 +110,7 @@ class Supervisor:
         self.workers = [self._start_worker(listener, engine_path) for _ in range(self.count)]
         log.info(
             "serving on http://%s:%d with %d HTTP worker processes and one engine process; metric files in %s",
-            self.settings.host, listener.getsockname()[1], self.count, self.metrics_dir,
+            self.settings.host, listener.getsockname()[1], self.count, self.run_dir / "metrics",
         )  # fmt: skip
         try:
             while not self.stopping.is_set():
@@ -147,9 +155,9 @@ def _bind(settings: Settings) -> socket.socket:
     return listener
 
 
-def serve(settings: Settings, runtime: object, workers: int, metrics_dir: Path) -> str | None:
+def serve(settings: Settings, runtime: object, workers: int, run_dir: Path) -> str | None:
     """Run until a signal or an engine failure; the failure, if any."""
-    supervisor = Supervisor(settings, runtime, workers, metrics_dir)
+    supervisor = Supervisor(settings, runtime, workers, run_dir)
     try:
         import uvloop
 
@@ -160,5 +168,5 @@ def serve(settings: Settings, runtime: object, workers: int, metrics_dir: Path) 
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(supervisor.run())
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
     return supervisor.failure

@@ -222,3 +222,23 @@ def test_process_count_follows_the_cores_unless_set():
     assert settings.http_processes(cores=128) == 8
     assert Settings(admin_token=ADMIN_TOKEN, device="cuda").http_processes(cores=16) == 8
     assert Settings(admin_token=ADMIN_TOKEN, http_workers=3).http_processes(cores=2) == 3
+
+
+def test_a_worker_holds_at_most_the_byte_capacity_before_the_engine_admits():
+    """Decoded images wait in a worker until the engine admits them: by hand, 28x28 grey images
+    are 4 * 784 = 3136 bytes decoded, plus their encoded bytes."""
+    from dyce.preprocess import FASHION_MNIST
+    from service.engine.api import ModelInfo
+    from service.engine.remote import RemoteEngine
+    from service.errors import QueueFull
+
+    remote = RemoteEngine(Settings(admin_token=ADMIN_TOKEN, queue_capacity_bytes=10_000), "/nonexistent")
+    remote._apply(("state", ModelInfo(("a", "b"), (1, 28, 28), 3, FASHION_MNIST), True, None))
+    with remote.admission(2, 100):  # 2 * 3136 + 100 = 6372 held
+        with pytest.raises(QueueFull) as refused, remote.admission(1, 1000):  # 6372 + 4136 > 10000
+            pass
+        assert refused.value.status_code == 429 and refused.value.headers["Retry-After"] == "1"
+        with remote.admission(1, 100):  # 6372 + 3236 = 9608 fits
+            pass
+    with remote.admission(3, 0):  # 9408: the first request's room came back
+        pass

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import pickle
 import struct
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from .. import errors
-from ..errors import BadRequest, NotReady, ServiceError
+from ..errors import BadRequest, NotReady, QueueFull, ServiceError
 from ..schemas import ActiveInfo, BankInfo, ModeRequest, ReloadRequest, SwitchRequest
 from ..settings import Settings
 from .api import Answer, Health, TierSummary
@@ -205,6 +206,7 @@ class RemoteEngine(Health):
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._bytes_held = 0  # encoded + decoded bytes of this worker's requests not yet answered
 
     async def connect(self) -> None:
         reader, self._writer = await asyncio.open_unix_connection(self.path)
@@ -234,7 +236,21 @@ class RemoteEngine(Health):
             raise BadRequest(f"{images} images in one request; at most {self.settings.max_batch_size}")
         if lam is not None and max_relative_macs is not None:
             raise BadRequest("ask for a tier by lambda or by max_relative_macs, not both")
-        yield RemoteTicket(encoded_bytes, lam, max_relative_macs)
+        # Decoded images wait here, and in the socket, before the engine admits them: each worker
+        # holds at most the server's byte capacity, so its memory stays bounded under any load.
+        held = encoded_bytes + images * 4 * math.prod(self.info.input_shape)
+        capacity = self.settings.queue_capacity_bytes
+        if self._bytes_held + held > capacity:
+            raise QueueFull(
+                f"queue is full ({self._bytes_held} bytes of images held by this worker, the limit is {capacity}); "
+                "retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        self._bytes_held += held
+        try:
+            yield RemoteTicket(encoded_bytes, lam, max_relative_macs)
+        finally:
+            self._bytes_held -= held
 
     def submit(self, ticket: RemoteTicket, images: torch.Tensor) -> asyncio.Future[Answer]:
         call, future = self._call_future()
