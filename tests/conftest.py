@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +35,7 @@ from offline.data import read_idx
 from tests.core_helpers import quantile_config, records_for
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST_LABELS = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
@@ -255,3 +261,85 @@ def metric_sum(samples: dict, name: str, **labels: str) -> float:
         value for (sample, sample_labels), value in samples.items()
         if sample == name and set(labels.items()) <= set(sample_labels)
     )  # fmt: skip
+
+
+def worker_processes(pid: int) -> list[int]:
+    """Worker processes of the server: its children that run multiprocessing's spawn entry."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == pid and b"multiprocessing" in cmdline and b"resource_tracker" not in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+class DyceServeProcess:
+    """``python -m service`` as production runs it, here with 2 HTTP worker processes in front of
+    the engine process (``DYCE_HTTP_WORKERS``), on a free loopback port."""
+
+    workers = 2
+
+    def __init__(self, artifacts: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "DYCE_ARTIFACTS_DIR": str(artifacts),
+            "DYCE_ADMIN_TOKEN": ADMIN_TOKEN,
+            "DYCE_PORT": str(self.port),
+            "DYCE_HTTP_WORKERS": str(self.workers),
+            "DYCE_MAX_BATCH_SIZE": "16",
+            "DYCE_CALIBRATION_ROUNDS": "2",
+            "DYCE_AUTOSWITCH": "manual",
+            "DYCE_SLO_P95_MS": "60000",
+            **env,
+        }
+        self.process: subprocess.Popen[str] | None = None
+        # A file, not a pipe: a pipe nobody reads would block the server once its logs fill it.
+        self.log = tempfile.TemporaryFile("w+")
+
+    def logs(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    def __enter__(self) -> DyceServeProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service"], env=self.env, cwd=ROOT, stderr=self.log, text=True
+        )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.logs()
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("the multi-process server did not become ready")
+        # every worker must be up (each says so once it has its channel to the engine)
+        while len(worker_processes(self.process.pid)) < self.workers and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self
+
+    def stop(self) -> tuple[int, str]:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=60)
+        return self.process.returncode, self.logs()
+
+    def __exit__(self, *_: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()

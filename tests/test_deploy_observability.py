@@ -14,10 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import LiveServer, free_port, service_settings
+from tests.conftest import DyceServeProcess, LiveServer, free_port, service_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -285,7 +286,7 @@ def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]
     return {key: value - before.get(key, 0.0) for key, value in after.items() if value - before.get(key, 0.0)}
 
 
-def classify_all(server: LiveServer, pngs: list[bytes]) -> tuple[list[dict], list[float]]:
+def classify_all(server: LiveServer | DyceServeProcess, pngs: list[bytes]) -> tuple[list[dict], list[float]]:
     def one(png: bytes) -> tuple[dict, float]:
         started = time.perf_counter()
         response = httpx.post(f"{server.url}/v1/classify", content=png, headers={"content-type": "image/png"})
@@ -298,9 +299,13 @@ def classify_all(server: LiveServer, pngs: list[bytes]) -> tuple[list[dict], lis
     return [a for a, _ in answers], [e for _, e in answers]
 
 
-def test_real_prometheus_sees_exits_lambda_and_latency(core_demo_artifacts, fmnist_pngs, tmp_path):
+@pytest.mark.parametrize("processes", ["one process", "HTTP workers"])
+def test_real_prometheus_sees_exits_lambda_and_latency(core_demo_artifacts, fmnist_pngs, tmp_path, processes):
+    """One process, or HTTP workers in front of the engine: each scrape reaches one worker, and
+    must still report the whole server (prometheus-client's multiprocess mode)."""
     settings = service_settings(core_demo_artifacts, autoswitch="manual", slo_p95_ms=60_000)  # no 429 on a busy host
-    with LiveServer(settings) as server, PrometheusServer(f"127.0.0.1:{server.port}", tmp_path) as prometheus:
+    serving = LiveServer(settings) if processes == "one process" else DyceServeProcess(core_demo_artifacts)
+    with serving as server, PrometheusServer(f"127.0.0.1:{server.port}", tmp_path) as prometheus:
         prometheus.wait_for(lambda: prometheus.values("up", "job") == {prometheus.job: 1.0}, "target up")
         bank = httpx.get(f"{server.url}/admin/bank", headers=server.admin()).json()["entries"]
         cheapest = min(bank, key=lambda e: e["expected_relative_macs"])

@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,77 +23,9 @@ import pytest
 from service import Settings
 from service.edge.decode import ImageDecoder
 from service.engine.model import ModelRuntime
-from tests.conftest import ADMIN_TOKEN, free_port
+from tests.conftest import ADMIN_TOKEN, DyceServeProcess, worker_processes
 
-WORKERS = 2
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _children(pid: int) -> list[int]:
-    """Worker processes of the server: its children that run multiprocessing's spawn entry."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == pid and b"multiprocessing" in cmdline and b"resource_tracker" not in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
-class Server:
-    def __init__(self, artifacts: Path, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "DYCE_ARTIFACTS_DIR": str(artifacts),
-            "DYCE_ADMIN_TOKEN": ADMIN_TOKEN,
-            "DYCE_PORT": str(self.port),
-            "DYCE_HTTP_WORKERS": str(WORKERS),
-            "DYCE_MAX_BATCH_SIZE": "16",
-            "DYCE_CALIBRATION_ROUNDS": "2",
-            "DYCE_AUTOSWITCH": "manual",
-            "DYCE_SLO_P95_MS": "60000",
-            **env,
-        }
-        self.process: subprocess.Popen[str] | None = None
-
-    def __enter__(self) -> Server:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service"], env=self.env, cwd=ROOT, stderr=subprocess.PIPE, text=True
-        )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.process.stderr.read()
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("the multi-process server did not become ready")
-        # every worker must be up (each says so once it has its channel to the engine)
-        while len(_children(self.process.pid)) < WORKERS and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return self
-
-    def stop(self) -> tuple[int, str]:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        _, stderr = self.process.communicate(timeout=60)
-        return self.process.returncode, stderr
-
-    def __exit__(self, *_: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.communicate()
+WORKERS = DyceServeProcess.workers
 
 
 def _each_on_a_new_connection(url: str, pngs: list[bytes], **params: object) -> list[httpx.Response]:
@@ -116,8 +46,8 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def server(core_demo_artifacts) -> Iterator[Server]:
-    with Server(core_demo_artifacts) as running:
+def server(core_demo_artifacts) -> Iterator[DyceServeProcess]:
+    with DyceServeProcess(core_demo_artifacts) as running:
         yield running
 
 
@@ -129,7 +59,7 @@ def reference(core_demo_artifacts):
 
 
 def test_workers_are_separate_processes_around_one_engine(server):
-    workers = _children(server.process.pid)
+    workers = worker_processes(server.process.pid)
     assert len(workers) == WORKERS, workers
 
 
@@ -174,7 +104,7 @@ def test_metrics_count_every_request_whichever_worker_answered(server, fmnist_pn
 
 
 def test_engine_refusals_cross_the_channel_as_json(core_demo_artifacts, fmnist_pngs):
-    with Server(core_demo_artifacts, DYCE_QUEUE_CAPACITY_IMAGES="4") as server:
+    with DyceServeProcess(core_demo_artifacts, DYCE_QUEUE_CAPACITY_IMAGES="4") as server:
         files = [("files", (f"{i}.png", png, "image/png")) for i, png in enumerate(fmnist_pngs[:8])]
         full = httpx.post(f"{server.url}/v1/classify/batch", files=files, timeout=30)
         assert full.status_code == 429 and full.json()["code"] == "queue_full"
@@ -193,11 +123,11 @@ def test_engine_refusals_cross_the_channel_as_json(core_demo_artifacts, fmnist_p
         assert fine.status_code == 200
 
         # a worker killed outright is replaced, and the server keeps answering meanwhile
-        victim = _children(server.process.pid)[0]
+        victim = worker_processes(server.process.pid)[0]
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            workers = _children(server.process.pid)
+            workers = worker_processes(server.process.pid)
             if victim not in workers and len(workers) == WORKERS:
                 break
             time.sleep(0.2)
