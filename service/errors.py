@@ -146,6 +146,17 @@ def error_response(status_code: int, reason: str, message: str, headers: dict[st
 _STATUS_REASONS = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type"}
 
 
+def rejection_reasons() -> tuple[str, ...]:
+    """Every ``code`` a refusal that reaches the metrics can carry: the bounded label set."""
+    reasons = {"overloaded", "internal", "not_live", *_STATUS_REASONS.values()}
+    pending = [ServiceError]
+    while pending:
+        kind = pending.pop()
+        reasons.add(kind.reason)
+        pending += kind.__subclasses__()
+    return tuple(sorted(reasons))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, err: ServiceError) -> JSONResponse:

@@ -27,6 +27,7 @@ from dyce.savers import backbone_position_label as position_label
 
 from .engine.batcher import BatchReport
 from .engine.tiers import SwitchReason
+from .errors import rejection_reasons
 
 # Early exits of the demo model finish well under a millisecond; the top buckets cover timeouts.
 LATENCY_BUCKETS = (
@@ -107,11 +108,17 @@ class Metrics:
         for reason in SWITCH_REASONS:
             self.switches.labels(reason=reason)
 
+    def edge_started(self) -> None:
+        """Start every refusal reason at 0, for the reason ``model_loaded`` starts the exits."""
+        for reason in rejection_reasons():
+            self.rejections.labels(reason=reason)
+
     def watch_queue(self, depth: Callable[[], int]) -> None:
         """The queue depth: read at scrape time in one process; across processes the scrape
         cannot call into the engine, so the engine writes it after every pipeline step."""
         if self.multiprocess:
             self._queue_depth = depth
+            self.queue_depth.set(depth())  # a stamped value, so the series exists before the first step
         else:
             self.queue_depth.set_function(depth)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -65,7 +66,10 @@ def run_worker(settings: Settings, sockets: list[socket.socket], engine_path: st
     remote = RemoteEngine(settings, engine_path)
     server = uvicorn.Server(uvicorn_config(create_app(settings, remote=remote), settings))
     remote.on_fatal.append(lambda _: setattr(server, "should_exit", True))
-    server.run(sockets=sockets)
+    # uvicorn re-raises the SIGINT it handled (a terminal's Ctrl-C reaches every process of the
+    # group); the supervisor decides what happens next, so no traceback here.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=sockets)
 
 
 class Supervisor:
@@ -96,6 +100,11 @@ class Supervisor:
         from .engine.remote import EngineServer
         from .metrics import Metrics
 
+        try:  # first: a port in use is one line, before any model work starts
+            listener = _bind(self.settings)
+        except OSError as err:
+            self.failure = f"cannot listen on {self.settings.host}:{self.settings.port}: {err.strerror or err}"
+            return
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -106,7 +115,6 @@ class Supervisor:
         server = EngineServer(engine, engine_path)
         await server.start()
         warm = engine.start_warm_up()
-        listener = _bind(self.settings)
         self.workers = [self._start_worker(listener, engine_path) for _ in range(self.count)]
         log.info(
             "serving on http://%s:%d with %d HTTP worker processes and one engine process; metric files in %s",

@@ -67,7 +67,9 @@ class Settings(BaseSettings):
         ge=1,
         description="requests inside one HTTP process at once; more are answered 503 at once, body unread",
     )
-    max_connections: int = Field(2048, ge=1, description="open connections; uvicorn's last-resort backstop")
+    max_connections: int = Field(
+        2048, ge=1, description="open connections per HTTP process; uvicorn's last-resort backstop"
+    )
     keep_alive_timeout_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")
     body_read_timeout_s: float = Field(
         10.0, gt=0, description="longest wait for the next chunk of a request body; then 408 and the connection closes"
@@ -149,13 +151,23 @@ class Settings(BaseSettings):
 
 
 def available_cores() -> int:
-    """Cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota (a
+    """Cores this process may run on: its CPU affinity, capped by a cgroup CPU quota (a
     container limited to 2 CPUs on a 64-core node must not start 16 workers)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return min(cores, max(1, math.ceil(quota))) if quota else cores
+
+
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs the cgroup may use (v2 ``cpu.max``, else v1 CFS quota / period); None: no limit."""
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+        quota, period = (root / "cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
-    return cores
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None

@@ -327,7 +327,7 @@ class DyceServeProcess:
             time.sleep(0.2)
         else:
             pytest.fail("the multi-process server did not become ready")
-        # every worker must be up (each says so once it has its channel to the engine)
+        # every worker process must have started (ready above means at least one answers)
         while len(worker_processes(self.process.pid)) < self.workers and time.monotonic() < deadline:
             time.sleep(0.2)
         return self

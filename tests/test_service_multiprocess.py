@@ -172,3 +172,23 @@ def test_a_worker_holds_at_most_the_byte_capacity_before_the_engine_admits():
             pass
     with remote.admission(3, 0):  # 9408: the first request's room came back
         pass
+
+
+def test_cgroup_cpu_quota_caps_the_cores(tmp_path):
+    """A container's CPU limit, as cgroup v2 and v1 write it (files made here, by hand)."""
+    from service.settings import _cgroup_cpu_quota
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs
+    assert _cgroup_cpu_quota(v2) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert _cgroup_cpu_quota(v2) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")  # 2 CPUs
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert _cgroup_cpu_quota(v1) == 2.0
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert _cgroup_cpu_quota(v1) is None
+    assert _cgroup_cpu_quota(tmp_path / "none") is None

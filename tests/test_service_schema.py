@@ -28,7 +28,7 @@ MAX_BATCH = 16
 OPENAPI = create_app(Settings(admin_token="schema-only-token-never-served", max_batch_size=MAX_BATCH)).openapi()
 schema = schemathesis.openapi.from_dict(OPENAPI)
 
-# Every route of service/routes/, written out by hand: the document must not lose or invent any.
+# Every route of service/edge/routes/, written out by hand: the document must not lose or invent any.
 OPERATIONS = {
     ("POST", "/v1/classify"),
     ("POST", "/v1/classify/batch"),

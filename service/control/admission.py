@@ -1,4 +1,5 @@
-"""Admission: a request is let in, or refused with 429, before any of its images is decoded.
+"""Admission: a request is let in, or refused with 429, before any of its images is decoded
+(in one process; across processes, when its decoded images reach the engine: ``engine.remote``).
 
 Every request is admitted the same way, whichever tier it runs under and whatever the mode:
 

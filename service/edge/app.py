@@ -168,6 +168,7 @@ def create_app(settings: Settings, runtime: ModelRuntime | None = None, remote: 
     when the caller loaded it already (``dyce-serve`` does, to report artefact problems before
     the server starts). An HTTP worker process passes ``remote``, its channel to the engine."""
     observed = Metrics()  # this process's: in one process the engine's and the edge's alike
+    observed.edge_started()
     engine: Engine | RemoteEngine = remote if remote is not None else Engine(settings, runtime, observed)
     gateway = Gateway(settings, engine, observed)
 

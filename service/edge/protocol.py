@@ -8,7 +8,7 @@ cost of parsing its request line and headers:
 - malformed requests and exceeded limits are answered with the service's JSON error shape,
   not uvicorn's plain text, so clients parse one error format everywhere;
 - ``limit_concurrency`` is a last-resort backstop on connections; the in-flight request limit
-  of ``service.app.ObserveRequests`` is what answers overload first (with JSON and Retry-After).
+  of ``service.edge.app.ObserveRequests`` is what answers overload first (with JSON and Retry-After).
 
 A response's head and body leave in one ``send()``: uvicorn writes them separately, and each
 write to a loopback socket wakes the client and costs ~0.1-0.2 ms of the server's event loop.

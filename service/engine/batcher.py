@@ -6,7 +6,8 @@ it to a one-thread pool, where ``dyce.pipeline.EarlyExitPipeline`` runs it: ever
 on full batches, survivors of an exit wait at their position for later arrivals, and each
 sample carries its own configuration, so a switch never changes a sample in flight and every
 answer comes from exactly one configuration. Under load torch never runs on the event loop;
-only a short step that is all the work there is runs on it (``INLINE_STEP_S``).
+only a step that is all the work the batcher has, and whose shape (configurations, images) was
+measured short before, runs on it (``INLINE_STEP_S``).
 
 Partial batches run (``flush``) when nothing else is queued, or when the oldest sample inside
 the pipeline has waited ``max_wait_s``: under sustained load the rare sample that reaches a
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -87,11 +89,13 @@ class BatchReport:
 
 BatchObserver = Callable[[BatchReport], None]
 
-# A step this short runs on the event loop itself when it is all the work there is: the hop to
-# the inference thread and back costs more (~0.6 ms of a 1 ms answer on a 2-core VM), and an
-# idle loop has nothing else to do meanwhile. Under load, or for a model whose idle step took
-# longer, steps run on the inference thread, so the loop keeps reading and decoding requests.
+# A step this short runs on the event loop itself when it is all the work the batcher has: the
+# hop to the inference thread and back costs more (~0.6 ms of a 1 ms answer on a 2-core VM).
+# Whatever else the loop has (requests still being read or decoded) waits at most this long.
+# Under load, for a step shape not measured yet, or one that took longer, steps run on the
+# inference thread, so the loop keeps reading and decoding requests.
 INLINE_STEP_S = 0.002
+MAX_STEP_SHAPES = 1024
 
 
 class DynamicBatcher:
@@ -127,7 +131,9 @@ class DynamicBatcher:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dyce-infer")
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._idle_step_s = 0.0  # how long the last step that found the server idle took
+        # How long an idle step took, by (its configurations, its images): a step runs inline
+        # only once one of the same shape was measured short (on the thread, hops included).
+        self._idle_steps_s: dict[tuple[frozenset[ExitConfiguration], int], float] = {}
 
     @property
     def depth(self) -> int:
@@ -239,12 +245,13 @@ class DynamicBatcher:
             if not jobs and not self._inside:
                 continue  # everything queued had been answered already
             idle = not self._inside and not self._queue  # these jobs are all the work there is
+            shape = (frozenset(job.tier.config for job in jobs), sum(job.size for job in jobs))
             now = time.perf_counter()
             for job in jobs:
                 job.admitted, job.admitted_with, job.remaining = now, sum(j.size for j in jobs), job.size
                 self._inside[id(job)] = job
             try:
-                if idle and self._idle_step_s < INLINE_STEP_S:
+                if idle and self._idle_steps_s.get(shape, math.inf) < INLINE_STEP_S:
                     exited = self._advance(jobs)
                 else:
                     exited = await loop.run_in_executor(self._pool, self._advance, jobs)
@@ -254,7 +261,9 @@ class DynamicBatcher:
                 continue
             finished = time.perf_counter()
             if idle:
-                self._idle_step_s = finished - now
+                if len(self._idle_steps_s) >= MAX_STEP_SHAPES:  # bounded whatever banks get loaded
+                    self._idle_steps_s.clear()
+                self._idle_steps_s[shape] = finished - now
             self._deliver(jobs, exited, now, finished)
 
     def _advance(self, jobs: list[Job]) -> list[ExitedSamples]:

@@ -6,7 +6,9 @@ and probability arrays travel as one copy of their bytes). The worker's ``Remote
 
 A request crosses once each way: the worker decodes its images and sends them; the engine
 admits them (tier, SLO, queue room: the whole server's, in one place) and queues them in the
-same step, so a 429 is decided exactly as in one process, without a second round trip. A
+same step, without a second round trip. Unlike in one process, that decision comes after the
+decode: a worker itself refuses before decoding only what it can tell alone (readiness, sizes,
+its own bound on bytes held). A
 worker that gives up on a request (deadline, client gone) sends ``cancel``, and the batcher
 drops its images if they have not run yet. The engine pushes its state (ready, fatal) to every
 worker whenever it changes, so readiness probes never cross the channel. Operator calls travel
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 
 from .. import errors
-from ..errors import BadRequest, NotReady, QueueFull, ServiceError
+from ..errors import BadRequest, NotReady, QueueFull, ServiceError, Timeout
 from ..schemas import ActiveInfo, BankInfo, ModeRequest, ReloadRequest, SwitchRequest
 from ..settings import Settings
 from .api import Answer, Health, TierSummary
@@ -67,6 +69,18 @@ def _rebuild(name: str, message: str, headers: dict[str, str]) -> Exception:
     return RuntimeError(f"the engine failed: {message}")  # the edge answers it 500
 
 
+def _reply(writer: asyncio.StreamWriter, message: tuple[Any, ...]) -> None:
+    """Send a reply; one that cannot be framed still answers its call, with an error."""
+    if writer.is_closing():
+        return
+    try:
+        frame = _frame(message)
+    except Exception as err:
+        log.exception("could not send a %s to a worker", message[0])
+        frame = _frame(("error", message[1], "", f"{type(err).__name__}: {err}", {}))
+    writer.write(frame)
+
+
 class EngineServer:
     """The engine's side: serves every worker's connection on one Unix socket."""
 
@@ -74,6 +88,7 @@ class EngineServer:
         self.engine = engine
         self.path = path
         self._writers: set[asyncio.StreamWriter] = set()
+        self._operations: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         engine.on_ready.append(self._broadcast_state)
         engine.on_fatal.append(lambda _: self._broadcast_state())
@@ -115,7 +130,9 @@ class EngineServer:
                     if (future := pending.pop(call, None)) is not None:
                         future.cancel()
                 elif kind == "call":
-                    asyncio.get_running_loop().create_task(self._operate(writer, call, *message[2:]))
+                    task = asyncio.get_running_loop().create_task(self._operate(writer, call, *message[2:]))
+                    self._operations.add(task)  # the loop holds tasks weakly
+                    task.add_done_callback(self._operations.discard)
         finally:
             self._writers.discard(writer)
             for future in pending.values():
@@ -135,7 +152,7 @@ class EngineServer:
         try:
             future = self.engine.enqueue(torch.from_numpy(images), encoded_bytes, lam, max_relative_macs)
         except Exception as err:
-            writer.write(_frame(("error", call, *_error(err))))
+            _reply(writer, ("error", call, *_error(err)))
             return
         pending[call] = future
 
@@ -143,28 +160,27 @@ class EngineServer:
             if pending.pop(call, None) is None or done.cancelled() or writer.is_closing():
                 return  # the worker gave up on it, or is gone
             if (err := done.exception()) is not None:
-                writer.write(_frame(("error", call, *_error(err))))
+                _reply(writer, ("error", call, *_error(err)))
                 return
             answer = done.result()
             tier = answer.tier
             summary = TierSummary(
                 tier.index, tier.lam, tier.config_id, tier.expected_accuracy, tier.expected_relative_macs
             )
-            writer.write(
-                _frame(
-                    (
-                        "answer",
-                        call,
-                        answer.probabilities.numpy(),
-                        answer.exit_positions,
-                        answer.relative_macs,
-                        summary,
-                        answer.requested,
-                        answer.queue_s,
-                        answer.inference_s,
-                        answer.batch_size,
-                    )
-                )
+            _reply(
+                writer,
+                (
+                    "answer",
+                    call,
+                    answer.probabilities.numpy(),
+                    answer.exit_positions,
+                    answer.relative_macs,
+                    summary,
+                    answer.requested,
+                    answer.queue_s,
+                    answer.inference_s,
+                    answer.batch_size,
+                ),
             )
 
         future.add_done_callback(answered)
@@ -181,8 +197,7 @@ class EngineServer:
             message = ("error", call, *_error(err))
         else:
             message = ("result", call, result)
-        if not writer.is_closing():
-            writer.write(_frame(message))
+        _reply(writer, message)
 
 
 @dataclass(frozen=True)
@@ -220,6 +235,7 @@ class RemoteEngine(Health):
         if self._reader_task is not None:
             self._reader_task.cancel()
             await asyncio.gather(self._reader_task, return_exceptions=True)
+        self._fail_calls()
 
     # Requests ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -284,8 +300,12 @@ class RemoteEngine(Health):
             raise NotReady(f"the engine is gone: {self._fatal}")
         call, future = self._call_future()
         self._send(("call", call, name, argument))
+        timeout = self.settings.request_timeout_s
         try:
-            return await future
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            raise Timeout(f"the engine did not answer within the {timeout:g} s request timeout") from None
         finally:
             self._calls.pop(call, None)
 
@@ -325,14 +345,24 @@ class RemoteEngine(Health):
             future.set_exception(_rebuild(*message[2:]))
 
     async def _receive(self, reader: asyncio.StreamReader) -> None:
+        reason = "the engine process closed its channel"
         try:
             while True:
                 self._apply(await _read(reader))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
-        if not self._closing:
-            self.fail("the engine process closed its channel")
-            for future in self._calls.values():
-                if not future.done():
-                    future.set_exception(NotReady("the engine is gone; retry on another replica"))
-            self._calls.clear()
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # a frame this worker cannot read: it can no longer trust the channel
+            log.exception("the channel to the engine failed")
+            reason = f"the channel to the engine failed: {type(err).__name__}: {err}"
+        finally:
+            if not self._closing:
+                self.fail(reason)  # not ready, not live: the worker exits and the supervisor starts another
+            self._fail_calls()
+
+    def _fail_calls(self) -> None:
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(NotReady("the engine is gone; retry on another replica"))
+        self._calls.clear()
