@@ -95,6 +95,7 @@ BatchObserver = Callable[[BatchReport], None]
 # Under load, for a step shape not measured yet, or one that took longer, steps run on the
 # inference thread, so the loop keeps reading and decoding requests.
 INLINE_STEP_S = 0.002
+STEP_EWMA = 0.2
 MAX_STEP_SHAPES = 1024
 
 
@@ -131,9 +132,11 @@ class DynamicBatcher:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dyce-infer")
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        # How long an idle step took, by (its configurations, its images): a step runs inline
-        # only once one of the same shape was measured short (on the thread, hops included).
+        # How long idle steps take, by (their configurations, their images): the step's own time,
+        # wherever it ran, averaged so one slow step on a busy host does not flip the choice. A
+        # step runs inline only once one of the same shape has been measured short.
         self._idle_steps_s: dict[tuple[frozenset[ExitConfiguration], int], float] = {}
+        self._last_step_s = 0.0
 
     @property
     def depth(self) -> int:
@@ -263,7 +266,9 @@ class DynamicBatcher:
             if idle:
                 if len(self._idle_steps_s) >= MAX_STEP_SHAPES:  # bounded whatever banks get loaded
                     self._idle_steps_s.clear()
-                self._idle_steps_s[shape] = finished - now
+                known = self._idle_steps_s.get(shape)
+                step_s = self._last_step_s
+                self._idle_steps_s[shape] = step_s if known is None else known + STEP_EWMA * (step_s - known)
             self._deliver(jobs, exited, now, finished)
 
     def _advance(self, jobs: list[Job]) -> list[ExitedSamples]:
@@ -271,6 +276,7 @@ class DynamicBatcher:
         flush partial ones when idle or late."""
         for job in jobs:
             self.pipeline.push(job.images, [(id(job), row) for row in range(job.size)], job.tier.config)
+        started = time.perf_counter()
         exited: list[ExitedSamples] = []
         while self.pipeline.has_full_batch():
             exited += self.pipeline.step()
@@ -279,6 +285,7 @@ class DynamicBatcher:
         # len() of a deque is safe to read from this thread; the loop only appends meanwhile.
         while self.pipeline.waiting() and (late or not self._queue):
             exited += self.pipeline.step(flush=True)
+        self._last_step_s = time.perf_counter() - started
         return exited
 
     def _fail_inside(self, err: Exception) -> None:
