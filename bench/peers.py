@@ -61,6 +61,7 @@ from serving_harness import (
     hey,
     load_bank,
     measured_server,
+    multipart,
 )
 
 from dyce.artifacts import ArtifactLayout, load_backbone
@@ -68,12 +69,6 @@ from service.edge.decode import ImageDecoder
 
 console = Console(stderr=True)
 OUT = Path(__file__).parent / "out"
-
-
-def multipart(pngs: list[bytes], field: str) -> Body:
-    files = [(field, (f"{i}.png", png, "image/png")) for i, png in enumerate(pngs)]
-    request = httpx.Request("POST", "http://x/", files=files)
-    return request.read(), request.headers["content-type"], {}
 
 
 # LitServe side ---------------------------------------------------------------------------------

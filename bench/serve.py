@@ -49,6 +49,7 @@ from serving_harness import (
     hey,
     load_bank,
     measured_server,
+    multipart,
     percentile_ms,
 )
 
@@ -128,12 +129,8 @@ Request = tuple[str, Body]  # path, body
 
 def v1_bodies(pngs: list[bytes], per_request: int) -> list[Request]:
     """Multipart ``/v1/classify/batch`` requests, encoded once so the client only sends bytes."""
-    bodies = []
-    for start in range(0, len(pngs) - per_request + 1, per_request):
-        files = [("files", (f"{i}.png", png, "image/png")) for i, png in enumerate(pngs[start : start + per_request])]
-        request = httpx.Request("POST", "http://x/v1/classify/batch", files=files)
-        bodies.append(("/v1/classify/batch", (request.read(), request.headers["content-type"], {})))
-    return bodies
+    starts = range(0, len(pngs) - per_request + 1, per_request)
+    return [("/v1/classify/batch", multipart(pngs[start : start + per_request], "files")) for start in starts]
 
 
 def v2_bodies(runtime: ModelRuntime, pngs: list[bytes], per_request: int, model: str) -> list[Request]:

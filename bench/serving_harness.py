@@ -153,6 +153,13 @@ def percentile_ms(seconds: list[float], q: float) -> float:
 Body = tuple[bytes, str, dict[str, str]]  # content, content type, other headers
 
 
+def multipart(pngs: list[bytes], field: str) -> Body:
+    """PNGs as one multipart body, encoded once so the load generator only sends bytes."""
+    files = [(field, (f"{i}.png", png, "image/png")) for i, png in enumerate(pngs)]
+    request = httpx.Request("POST", "http://x/", files=files)
+    return request.read(), request.headers["content-type"], {}
+
+
 def hey(url: str, bodies: list[Body], clients: list[int], seconds: float, scratch: Path, images: int) -> dict:
     """One ``hey`` per body with its number of closed-loop clients, all at once; figures from their
     CSVs. A Go load generator: one Python process cannot drive these rates, and on a small host

@@ -46,7 +46,7 @@ def prepare_run_dir() -> Path:
     Private because the channel carries pickles: only this user's processes may connect.
     """
     run_dir = Path(tempfile.mkdtemp(prefix="dyce-"))
-    atexit.register(shutil.rmtree, run_dir, True)  # also when start-up is refused before serving
+    atexit.register(shutil.rmtree, run_dir, True)  # at exit, whether it served or start-up was refused
     (run_dir / "metrics").mkdir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(run_dir / "metrics")
     return run_dir
@@ -146,7 +146,6 @@ class Supervisor:
             await server.stop()
             await engine.stop()
             listener.close()
-            Path(engine_path).unlink(missing_ok=True)
 
     def _engine_failed(self, reason: str) -> None:
         self.failure = reason
@@ -172,9 +171,6 @@ def serve(settings: Settings, runtime: object, workers: int, run_dir: Path) -> s
         loop_factory = uvloop.new_event_loop
     except ImportError:  # uvicorn's workers fall back the same way
         loop_factory = None
-    try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(supervisor.run())
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(supervisor.run())
     return supervisor.failure

@@ -330,6 +330,7 @@ class DyceServeProcess:
         # every worker process must have started (ready above means at least one answers)
         while len(worker_processes(self.process.pid)) < self.workers and time.monotonic() < deadline:
             time.sleep(0.2)
+        assert len(worker_processes(self.process.pid)) == self.workers, "the HTTP workers did not start"
         return self
 
     def stop(self) -> tuple[int, str]:

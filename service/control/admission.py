@@ -24,6 +24,14 @@ from ..settings import Settings
 from .costs import CostModel
 
 
+def check_image_count(images: int, max_batch_size: int) -> None:
+    """One request holds at least one image and at most one batch."""
+    if images < 1:
+        raise BadRequest("no image in the request")
+    if images > max_batch_size:
+        raise BadRequest(f"{images} images in one request; at most {max_batch_size}")
+
+
 @dataclass(frozen=True)
 class Admission:
     """A request let in: the tier it will run under and the queue room held for its images."""
@@ -67,10 +75,7 @@ class AdmissionControl:
     def admit(
         self, images: int, encoded_bytes: int, lam: float | None = None, max_relative_macs: float | None = None
     ) -> Iterator[Admission]:
-        if images < 1:
-            raise BadRequest("no image in the request")
-        if images > self.settings.max_batch_size:
-            raise BadRequest(f"{images} images in one request; at most {self.settings.max_batch_size}")
+        check_image_count(images, self.settings.max_batch_size)
         requested = self.state.resolve(lam, max_relative_macs)
         active = self.state.active.tier
         tier: Tier = requested or active

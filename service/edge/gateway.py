@@ -16,7 +16,7 @@ import torch
 from starlette.requests import Request
 
 from ..engine.api import Answer, EngineHandle
-from ..errors import ClientGone, NotReady, Timeout
+from ..errors import ClientGone, Timeout
 from ..metrics import Metrics
 from ..settings import Settings
 from .decode import ImageDecoder, pixels
@@ -44,10 +44,6 @@ class Gateway:
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
-
-    def require_ready(self) -> None:
-        if not self.engine.ready:
-            raise NotReady("the model is loading or warming up; poll /v2/health/ready")
 
     @property
     def decoder(self) -> ImageDecoder:

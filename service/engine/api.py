@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -32,6 +33,11 @@ class ModelInfo:
     input_shape: tuple[int, ...]
     backbone_positions: int  # what clients see as num_positions (a saver stage is position -1)
     preprocess: PreprocessSpec
+
+    @property
+    def decoded_image_bytes(self) -> int:
+        """What one decoded image holds in memory (float32)."""
+        return 4 * math.prod(self.input_shape)
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,10 @@ class Health:
     def fatal(self) -> str | None:
         return self._fatal
 
+    def check_ready(self) -> None:
+        if not self._ready:
+            raise NotReady("the model is loading or warming up; poll /v2/health/ready")
+
     @property
     def info(self) -> ModelInfo:
         if self._info is None:
@@ -101,6 +111,9 @@ class Health:
 
 class EngineHandle(Protocol):
     settings: Settings
+
+    def check_ready(self) -> None:
+        """Raises NotReady unless warmed up and live."""
 
     @property
     def ready(self) -> bool: ...

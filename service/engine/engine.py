@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable
 
@@ -101,9 +100,8 @@ class Engine(Health):
         )
         self.autoswitcher = Autoswitcher(self.settings, state, costs, [self._count_decision])
         self._batch_observers.append(self.autoswitcher.batch_done)
-        decoded_image_bytes = 4 * math.prod(runtime.input_shape)  # one float32 image
         self.admission_control = AdmissionControl(
-            self.settings, state, costs, self.batcher, decoded_image_bytes, self.autoswitcher.arrived
+            self.settings, state, costs, self.batcher, self.info.decoded_image_bytes, self.autoswitcher.arrived
         )
         self.batcher.start(on_death=lambda: self.fail("the inference worker (batcher) stopped"))
         self.autoswitcher.start()
@@ -126,8 +124,7 @@ class Engine(Health):
         return self.runtime, self.state
 
     def require_ready(self) -> tuple[ModelRuntime, TierState]:
-        if not self._ready:
-            raise NotReady("the model is loading or warming up; poll /v2/health/ready")
+        self.check_ready()
         return self._loaded()
 
     # Event wiring (metrics stay out of the model path) ------------------------------------

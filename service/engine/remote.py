@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import math
 import pickle
 import struct
 from collections.abc import Iterator
@@ -32,11 +31,13 @@ from typing import Any
 import torch
 
 from .. import errors
+from ..control.admission import check_image_count
 from ..errors import BadRequest, NotReady, QueueFull, ServiceError, Timeout
 from ..schemas import ActiveInfo, BankInfo, ModeRequest, ReloadRequest, SwitchRequest
 from ..settings import Settings
 from .api import Answer, Health, TierSummary
 from .engine import Engine
+from .tiers import check_tier_choice
 
 log = logging.getLogger("dyce.service")
 
@@ -244,17 +245,12 @@ class RemoteEngine(Health):
     ) -> Iterator[RemoteTicket]:
         """What can be refused before decoding without the engine's state is refused here; the
         engine admits the rest when the images arrive (tier, SLO, queue room)."""
-        if not self._ready:
-            raise NotReady("the model is loading or warming up; poll /v2/health/ready")
-        if images < 1:
-            raise BadRequest("no image in the request")
-        if images > self.settings.max_batch_size:
-            raise BadRequest(f"{images} images in one request; at most {self.settings.max_batch_size}")
-        if lam is not None and max_relative_macs is not None:
-            raise BadRequest("ask for a tier by lambda or by max_relative_macs, not both")
+        self.check_ready()
+        check_image_count(images, self.settings.max_batch_size)
+        check_tier_choice(lam, max_relative_macs)
         # Decoded images wait here, and in the socket, before the engine admits them: each worker
         # holds at most the server's byte capacity, so its memory stays bounded under any load.
-        held = encoded_bytes + images * 4 * math.prod(self.info.input_shape)
+        held = encoded_bytes + images * self.info.decoded_image_bytes
         capacity = self.settings.queue_capacity_bytes
         if self._bytes_held + held > capacity:
             raise QueueFull(

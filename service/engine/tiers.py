@@ -140,8 +140,7 @@ class TierState:
 
     def resolve(self, lam: float | None, max_relative_macs: float | None) -> Tier | None:
         """A client's own tier: the entry nearest a lambda, or the most accurate within a MAC budget."""
-        if lam is not None and max_relative_macs is not None:
-            raise BadRequest("ask for a tier by lambda or by max_relative_macs, not both")
+        check_tier_choice(lam, max_relative_macs)
         bank = self.bank
         if lam is not None:
             return Tier(bank, bank.nearest_lambda(lam))
@@ -154,3 +153,9 @@ class TierState:
                 )
             return Tier(bank, index)
         return None
+
+
+def check_tier_choice(lam: float | None, max_relative_macs: float | None) -> None:
+    """A request chooses its tier one way at most; checked before any bank is consulted."""
+    if lam is not None and max_relative_macs is not None:
+        raise BadRequest("ask for a tier by lambda or by max_relative_macs, not both")

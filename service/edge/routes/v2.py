@@ -38,7 +38,7 @@ def _model(gateway: Gateway, name: str, version: str | None = None) -> None:
 
 
 def _tensor_specs(gateway: Gateway) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    gateway.require_ready()
+    gateway.engine.check_ready()
     model = gateway.engine.info
     classes = len(model.labels)
     inputs = [
@@ -164,7 +164,7 @@ async def infer(request: Request, gateway: GatewayDep, name: str, version: str |
     ``lambda`` or ``max_relative_macs`` choose a tier for this request."""
     arrived = request.state.arrived  # set by the edge middleware, before the body was read
     _model(gateway, name, version)
-    gateway.require_ready()
+    gateway.engine.check_ready()
     engine, model = gateway.engine, gateway.engine.info
     if request.headers.get("content-encoding", "identity") != "identity":
         raise BadRequest("compressed inference requests are not accepted; send them uncompressed")
