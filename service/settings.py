@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     )
     onnx_dir: Path | None = Field(None, description="exported ONNX graphs; default <artifacts_dir>/onnx")
     torch_threads: int = Field(0, ge=0, description="intra-op threads of the inference worker; 0 = torch's default")
+    memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
+        "auto",
+        description="tensor layout of each backbone segment (torch backend); auto = the faster one per segment, "
+        "timed at warm-up on this machine",
+    )
     model_name: str = Field("dyce", pattern=r"^[A-Za-z0-9_.-]+$")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="debug also logs the traceback behind a start-up failure"

@@ -1,11 +1,17 @@
+import copy
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
+from dyce.backbones._segmented import InputSpec, SegmentedModel
 from dyce.config import ExitConfiguration
+from dyce.execution_backends import TorchBackend
 from dyce.executor import EarlyExitExecutor
+from dyce.exits import ExitSet
 from dyce.simulate import exit_positions, simulate
 from tests.core_helpers import demo_parts, quantile_config, records_for
 
@@ -141,3 +147,55 @@ def test_cuda_matches_cpu(setup):
     cpu = executor.run(images, configs["spread"])
     gpu = on_gpu.run(images, configs["spread"])
     torch.testing.assert_close(gpu.probabilities, cpu.probabilities, rtol=1e-3, atol=1e-4)
+
+
+class SlowInOneLayout(nn.Module):
+    """A convolution that takes 5 ms longer whenever its input arrives in ``slow_layout``: which
+    layout is faster is known by construction, whatever this machine's kernels do."""
+
+    def __init__(self, slow_layout: torch.memory_format) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.slow_layout = slow_layout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_contiguous(memory_format=self.slow_layout):
+            time.sleep(0.005)
+        return self.conv(x)
+
+
+def test_each_segment_gets_the_layout_measured_faster_and_answers_do_not_change():
+    torch.manual_seed(0)
+    segments = [SlowInOneLayout(torch.channels_last), SlowInOneLayout(torch.contiguous_format)]
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    model = nn.Sequential(*segments, head)
+    backbone = SegmentedModel("layouts", model, segments, head, InputSpec(4, 6, 6), num_classes=3).eval()
+    exits = ExitSet.build([4, 4], 3, ("mlp1",)).eval()
+    images = torch.randn(8, 4, 6, 6)
+    with torch.no_grad():
+        plain = copy.deepcopy(model)(images)
+
+    backend = TorchBackend(backbone, exits, torch.device("cpu"), channels_last=True)
+    chosen = backend.choose_memory_formats(images, batch_sizes=[1, 8], repeats=2)
+
+    assert chosen == [torch.contiguous_format, torch.channels_last]
+    with torch.inference_mode():
+        x = backend.prepare(images)
+        for position in range(backbone.num_positions):
+            x = backend.segment(position, x)
+            assert x.is_contiguous(memory_format=chosen[position])
+        torch.testing.assert_close(backend.head_logits(x), plain, rtol=1e-5, atol=1e-6)
+
+
+def test_layouts_chosen_for_the_demo_backbone_keep_the_plain_models_outputs():
+    backbone, exits, _ = demo_parts()
+    plain = copy.deepcopy(backbone).eval()
+    images = torch.randn(16, 1, 28, 28)
+    backend = TorchBackend(backbone, exits, torch.device("cpu"))
+    chosen = backend.choose_memory_formats(images, batch_sizes=[1, 16], repeats=1)
+    assert len(chosen) == backbone.num_positions
+    with torch.inference_mode():
+        x = backend.prepare(images)
+        for position in range(backbone.num_positions):
+            x = backend.segment(position, x)
+        torch.testing.assert_close(backend.head_logits(x), plain(images), rtol=1e-4, atol=1e-5)

@@ -79,7 +79,11 @@ def test_a_switch_holds_for_every_worker_and_answers_equal_the_model_run_by_hand
             expected = runtime.run(decoder(png).unsqueeze(0), config)
             assert body["exit_position"] == int(expected.exit_positions[0])
             assert body["predictions"][0]["class_index"] == int(expected.probabilities[0].argmax())
-            assert body["predictions"][0]["probability"] == pytest.approx(float(expected.probabilities[0].max()))
+            # The server lays each segment out as timed fastest at warm-up; kernels of the two
+            # layouts round differently (~1e-6), which moves no exit decision.
+            assert body["predictions"][0]["probability"] == pytest.approx(
+                float(expected.probabilities[0].max()), abs=1e-5
+            )
         # every worker reads the same active tier
         for _ in range(2 * WORKERS):
             active = httpx.get(f"{server.url}/admin/active", headers=admin, timeout=30).json()

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from dyce.artifacts import ArtifactLayout, LoadedModel, load_backbone, load_bank_for, load_exits
 from dyce.bank import Bank, BankMismatchError
 from dyce.config import ExitConfiguration
-from dyce.execution_backends import OnnxRuntimeBackend
+from dyce.execution_backends import OnnxRuntimeBackend, TorchBackend
 from dyce.executor import EarlyExitExecutor, ExecutionResult
 from dyce.profile import Where, host_name
 
@@ -81,7 +81,10 @@ class ModelRuntime:
             with _loading(str(onnx_dir), f"export again with `dyce-offline export-onnx --artifacts {layout.root}`"):
                 backend = OnnxRuntimeBackend(onnx_dir, torch.device(settings.device), settings.torch_threads or None)
                 backend.check_matches(self.manifest.identity, self.model.exit_hashes())
-        self.executor = EarlyExitExecutor(backbone, exits, bank.macs, device=settings.device, backend=backend)
+        self.executor = EarlyExitExecutor(
+            backbone, exits, bank.macs, device=settings.device, backend=backend,
+            channels_last=settings.memory_format != "contiguous",
+        )  # fmt: skip
         missing = self.unexported_exits(bank)
         if missing:
             raise StartupError(
@@ -192,6 +195,10 @@ class ModelRuntime:
         """Run every frontier configuration (the tiers the autoswitcher uses) once at batch 1 and
         at the largest batch: allocator, kernels and path costs are ready before traffic."""
         generator = torch.Generator().manual_seed(0)
+        if self.settings.memory_format == "auto" and isinstance(self.executor.backend, TorchBackend):
+            images = torch.randn(self.settings.max_batch_size, *self.input_shape, generator=generator)
+            chosen = self.executor.backend.choose_memory_formats(images)
+            log.info("segment memory formats, timed on this machine: %s", [str(f).split(".")[-1] for f in chosen])
         for batch in (1, self.settings.max_batch_size):
             images = torch.randn(batch, *self.input_shape, generator=generator)
             for index in bank.frontier():
