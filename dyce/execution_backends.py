@@ -12,6 +12,7 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -51,9 +52,10 @@ class TorchBackend:
         # weight hashes are unchanged: only strides differ.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone = backbone.to(device, memory_format=self.memory_format).eval()
-        # What each segment's weights and input are laid out as; ``choose_memory_formats`` may
-        # change it per segment.
+        # What each segment's weights and input are laid out as, and below how many rows a batch
+        # runs one row per call (0: never); ``tune_segments`` sets both per segment.
         self.memory_formats = [self.memory_format] * backbone.num_positions
+        self.singly_below = [0] * backbone.num_positions
         self.exits = exits.to(device).eval()
         # On CPU a high-resolution segment run on a whole batch streams its activations through
         # memory instead of cache: resnet50's first blocks run ~1.4x slower per image at batch 32
@@ -72,6 +74,8 @@ class TorchBackend:
         segment, rows = self.backbone.segments[position], self.rows_per_call[position]
         if x.dim() == 4:
             x = x.contiguous(memory_format=self.memory_formats[position])  # free when it already is
+        if 1 < x.shape[0] < self.singly_below[position]:
+            return torch.cat([segment(row) for row in x.split(1)])
         if rows is None or x.shape[0] <= rows:
             return segment(x)
         return torch.cat([segment(chunk) for chunk in x.split(rows)])
@@ -83,34 +87,46 @@ class TorchBackend:
         return self.backbone.head(x)
 
     @torch.inference_mode()
-    def choose_memory_formats(
-        self, images: torch.Tensor, batch_sizes: Sequence[int] | None = None, repeats: int = 3
-    ) -> list[torch.memory_format]:
-        """Lay out each segment in the memory format that runs it faster on this machine, timed on
-        ``images`` carried through the segments, at ``batch_sizes`` (default: 1, a quarter of
-        the images, all of them).
+    def tune_segments(
+        self, images: torch.Tensor, batch_sizes: Sequence[int] | None = None, repeats: int = 5
+    ) -> list[SegmentTuning]:
+        """Time every segment on this machine, on ``images`` carried through the segments, at
+        ``batch_sizes`` (default: 1, 2, 4, 8, a quarter of the images, all of them), and keep for each:
 
-        Why measure: neither layout wins everywhere. On a 2-core EPYC, oneDNN's NHWC kernels
-        were up to 5x faster on the demo's early 28x28 maps at batch 1, and its NCHW ones 1.3-2x
-        faster per call on the deep 2x2 and 1x1 maps, where early exit runs small partial
-        batches. A segment's time is the sum over ``batch_sizes`` of its median call, so small
-        batches count as much as full ones. Values do not change with the layout, only strides."""
+        * the memory format with the lower sum of per-image times over those sizes, so the small
+          batches early exit leaves at deep positions count as much as full ones;
+        * whether batches below some size run one row per call: where a call on a few rows costs
+          more than that many single-row calls (oneDNN picks other kernels for one row).
+
+        Why measure: neither choice holds everywhere. On a 2-core EPYC, oneDNN's NHWC kernels were
+        up to 5x faster on the demo's 28x28 and 4x4 maps at batch 1, its NCHW ones 1.3-2x faster
+        on the deep 2x2 and 1x1 maps, and there two rows cost 2.3x one row. Values do not change,
+        only strides and how rows are grouped into calls.
+        """
         if batch_sizes is None:
             largest = images.shape[0]
-            batch_sizes = sorted({1, max(1, largest // 4), largest})
+            batch_sizes = sorted({min(b, largest) for b in (1, 2, 4, 8)} | {max(1, largest // 4), largest})
         x = self.prepare(images[: max(batch_sizes)])
         for position, segment in enumerate(self.backbone.segments):
             if x.dim() == 4 and any(p.dim() == 4 for p in segment.parameters()):
-                timed = {}
+                self.singly_below[position] = 0  # time whole calls only
+                timed: dict[torch.memory_format, dict[int, float]] = {}
                 for memory_format in (self.memory_formats[position], *_OTHER_FORMAT[self.memory_formats[position]]):
                     segment.to(memory_format=memory_format)
                     self.memory_formats[position] = memory_format
-                    timed[memory_format] = sum(self._median_call(position, x[:b], repeats) for b in batch_sizes)
-                best = min(timed, key=timed.get)  # a tie keeps the layout it had
+                    timed[memory_format] = {b: self._median_call(position, x[:b], repeats) for b in batch_sizes}
+                best = min(timed, key=lambda f: sum(t / b for b, t in timed[f].items()))  # a tie keeps the layout
                 segment.to(memory_format=best)
                 self.memory_formats[position] = best
+                one_row = timed[best].get(1)
+                if one_row is not None:
+                    # (size, whole call no dearer than its rows one by one) for every timed size > 1; row
+                    # by row only where clearly cheaper (a fifth), so timing noise does not decide
+                    whole = [(b, ROW_BY_ROW_MARGIN * t <= b * one_row) for b, t in sorted(timed[best].items()) if b > 1]
+                    if whole and not whole[0][1]:  # up to the first size where it is not
+                        self.singly_below[position] = next((b for b, cheaper in whole if cheaper), max(batch_sizes) + 1)
             x = self.segment(position, x)
-        return list(self.memory_formats)
+        return [SegmentTuning(f, n) for f, n in zip(self.memory_formats, self.singly_below, strict=True)]
 
     def _median_call(self, position: int, x: torch.Tensor, repeats: int) -> float:
         times = []
@@ -126,6 +142,22 @@ class TorchBackend:
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+ROW_BY_ROW_MARGIN = 0.8
+
+
+@dataclass(frozen=True)
+class SegmentTuning:
+    """How one segment runs: its layout, and below how many rows a batch runs one row per call
+    (0: never)."""
+
+    memory_format: torch.memory_format
+    singly_below: int
+
+    def __str__(self) -> str:
+        layout = "NHWC" if self.memory_format == torch.channels_last else "NCHW"
+        return layout if self.singly_below <= 2 else f"{layout}, by row below {self.singly_below}"
 
 
 _OTHER_FORMAT = {torch.channels_last: (torch.contiguous_format,), torch.contiguous_format: (torch.channels_last,)}

@@ -44,8 +44,8 @@ def profile(
         # a bank uses: profiling the ONNX Runtime backend needs an export of all candidates first.
         raise ValueError("profile supports the torch backend only, for now")
     runner = TorchBackend(backbone, exits, torch.device(device), True)
-    # Time the layouts dyce-serve will run (its default, DYCE_MEMORY_FORMAT=auto, chooses the same way).
-    runner.choose_memory_formats(torch.randn(max_batch, *backbone.input_spec.shape, device=device))
+    # Time the segments as dyce-serve runs them (its default, DYCE_MEMORY_FORMAT=auto, tunes them the same way).
+    runner.tune_segments(torch.randn(max_batch, *backbone.input_spec.shape, device=device))
     where = Where(
         device_type=torch.device(device).type, backend=backend, host=host_name(device), threads=torch.get_num_threads()
     )

@@ -27,8 +27,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="intra-op threads of the inference worker; 0 = torch's default")
     memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
         "auto",
-        description="tensor layout of each backbone segment (torch backend); auto = the faster one per segment, "
-        "timed at warm-up on this machine",
+        description="tensor layout of each backbone segment (torch backend); auto = per segment, the layout and "
+        "the grouping of small batches (whole, or row by row) timed faster at warm-up on this machine",
     )
     model_name: str = Field("dyce", pattern=r"^[A-Za-z0-9_.-]+$")
     log_level: Literal["debug", "info", "warning", "error"] = Field(

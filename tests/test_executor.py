@@ -176,15 +176,53 @@ def test_each_segment_gets_the_layout_measured_faster_and_answers_do_not_change(
         plain = copy.deepcopy(model)(images)
 
     backend = TorchBackend(backbone, exits, torch.device("cpu"), channels_last=True)
-    chosen = backend.choose_memory_formats(images, batch_sizes=[1, 8], repeats=2)
+    tuned = backend.tune_segments(images, batch_sizes=[1, 8], repeats=2)
 
-    assert chosen == [torch.contiguous_format, torch.channels_last]
+    assert [t.memory_format for t in tuned] == [torch.contiguous_format, torch.channels_last]
     with torch.inference_mode():
         x = backend.prepare(images)
         for position in range(backbone.num_positions):
             x = backend.segment(position, x)
-            assert x.is_contiguous(memory_format=chosen[position])
+            assert x.is_contiguous(memory_format=tuned[position].memory_format)
         torch.testing.assert_close(backend.head_logits(x), plain, rtol=1e-5, atol=1e-6)
+
+
+class SlowAboveOneRow(nn.Module):
+    """A convolution that takes 5 ms longer on any call with more than one row; counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.rows_per_call: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows_per_call.append(x.shape[0])
+        if x.shape[0] > 1:
+            time.sleep(0.005)
+        return self.conv(x)
+
+
+def test_a_segment_whose_batched_calls_cost_more_than_single_rows_runs_row_by_row():
+    torch.manual_seed(0)
+    slow, plain_conv = SlowAboveOneRow(), nn.Conv2d(4, 4, 3, padding=1)
+    segments = [plain_conv, slow]
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    model = nn.Sequential(*segments, head)
+    backbone = SegmentedModel("rows", model, segments, head, InputSpec(4, 6, 6), num_classes=3).eval()
+    backend = TorchBackend(backbone, ExitSet.build([4, 4], 3, ("mlp1",)).eval(), torch.device("cpu"))
+    images = torch.randn(8, 4, 6, 6)
+    with torch.no_grad():
+        plain = copy.deepcopy(model)(images)
+
+    tuned = backend.tune_segments(images, batch_sizes=[1, 2, 8], repeats=2)
+
+    # One row costs microseconds, any two rows 5 ms: at every timed size single rows are cheaper.
+    assert tuned[1].singly_below == 9
+    slow.rows_per_call.clear()
+    with torch.inference_mode():
+        x = backend.segment(1, backend.segment(0, backend.prepare(images)))
+        torch.testing.assert_close(backend.head_logits(x), plain, rtol=1e-5, atol=1e-6)
+    assert slow.rows_per_call == [1] * 8
 
 
 def test_layouts_chosen_for_the_demo_backbone_keep_the_plain_models_outputs():
@@ -192,8 +230,8 @@ def test_layouts_chosen_for_the_demo_backbone_keep_the_plain_models_outputs():
     plain = copy.deepcopy(backbone).eval()
     images = torch.randn(16, 1, 28, 28)
     backend = TorchBackend(backbone, exits, torch.device("cpu"))
-    chosen = backend.choose_memory_formats(images, batch_sizes=[1, 16], repeats=1)
-    assert len(chosen) == backbone.num_positions
+    tuned = backend.tune_segments(images, batch_sizes=[1, 2, 16], repeats=1)
+    assert len(tuned) == backbone.num_positions
     with torch.inference_mode():
         x = backend.prepare(images)
         for position in range(backbone.num_positions):

@@ -197,8 +197,8 @@ class ModelRuntime:
         generator = torch.Generator().manual_seed(0)
         if self.settings.memory_format == "auto" and isinstance(self.executor.backend, TorchBackend):
             images = torch.randn(self.settings.max_batch_size, *self.input_shape, generator=generator)
-            chosen = self.executor.backend.choose_memory_formats(images)
-            log.info("segment memory formats, timed on this machine: %s", [str(f).split(".")[-1] for f in chosen])
+            tuned = self.executor.backend.tune_segments(images)
+            log.info("segments as timed fastest on this machine: %s", "; ".join(map(str, tuned)))
         for batch in (1, self.settings.max_batch_size):
             images = torch.randn(batch, *self.input_shape, generator=generator)
             for index in bank.frontier():
