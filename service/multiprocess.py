@@ -14,7 +14,7 @@ process), serves the engine's socket, binds the HTTP socket and starts the worke
 that dies is started again; the engine failing stops everything with status 1, so an
 orchestrator restarts the replica. Metrics go through prometheus-client's multiprocess mode,
 whose directory this process creates empty, beside the engine's socket in a private directory
-it removes at the end.
+it removes at the end (or the next start removes, if this process was killed outright).
 """
 
 from __future__ import annotations
@@ -39,17 +39,53 @@ log = logging.getLogger("dyce.service")
 RESTART_PAUSE_S = 1.0  # a worker that dies at once is not restarted in a tight loop
 
 
-def prepare_run_dir() -> Path:
+RUN_DIR_PREFIX = "dyce-"
+OWNER_FILE = "owner.pid"
+
+
+def prepare_run_dir(root: Path | None = None) -> Path:
     """A fresh private directory (mode 0700) for the engine's socket and every process's metric
     files; the metrics' place is set before prometheus-client is imported.
 
     Private because the channel carries pickles: only this user's processes may connect.
     """
-    run_dir = Path(tempfile.mkdtemp(prefix="dyce-"))
+    remove_stale_run_dirs(root)
+    run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=root))
     atexit.register(shutil.rmtree, run_dir, True)  # at exit, whether it served or start-up was refused
+    (run_dir / OWNER_FILE).write_text(str(os.getpid()))
     (run_dir / "metrics").mkdir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(run_dir / "metrics")
     return run_dir
+
+
+def remove_stale_run_dirs(root: Path | None = None) -> list[Path]:
+    """Remove the run directories of this user's supervisors that are gone without cleaning up
+    (SIGKILL, the OOM killer: atexit never ran), so a crash-looping replica does not fill the
+    temporary directory with metric files. A directory whose owner is alive, or that names no
+    owner yet (being created), is left alone."""
+    removed = []
+    for run_dir in Path(root or tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*"):
+        try:
+            if run_dir.is_symlink() or run_dir.stat().st_uid != os.getuid():
+                continue
+            owner = int((run_dir / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if not _process_exists(owner):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            removed.append(run_dir)
+            log.info("removed %s, left by dyce-serve %d, which is gone", run_dir, owner)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def run_worker(settings: Settings, sockets: list[socket.socket], engine_path: str, log_level: str) -> None:

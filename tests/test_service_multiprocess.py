@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 from service import Settings
 from service.edge.decode import ImageDecoder
 from service.engine.model import ModelRuntime
+from service.multiprocess import prepare_run_dir
 from tests.conftest import ADMIN_TOKEN, DyceServeProcess, worker_processes
 
 WORKERS = DyceServeProcess.workers
@@ -196,3 +198,28 @@ def test_cgroup_cpu_quota_caps_the_cores(tmp_path):
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     assert _cgroup_cpu_quota(v1) is None
     assert _cgroup_cpu_quota(tmp_path / "none") is None
+
+
+def test_a_new_supervisor_removes_run_directories_whose_owner_is_gone(tmp_path, monkeypatch):
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid no longer runs: as a supervisor that was SIGKILLed
+
+    def run_dir(name: str, owner: int | None) -> Path:
+        path = tmp_path / f"dyce-{name}"
+        (path / "metrics").mkdir(parents=True)
+        (path / "metrics" / "counter_1.db").write_bytes(b"\0" * 1024)
+        if owner is not None:
+            (path / "owner.pid").write_text(str(owner))
+        return path
+
+    stale, alive, unnamed = run_dir("stale", gone.pid), run_dir("alive", os.getpid()), run_dir("new", None)
+    unrelated = tmp_path / "not-a-run-dir"
+    unrelated.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "restored-after-the-test")
+
+    fresh = prepare_run_dir(tmp_path)
+
+    assert not stale.exists()
+    assert alive.exists() and unnamed.exists() and unrelated.exists()
+    assert (fresh / "owner.pid").read_text() == str(os.getpid())
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(fresh / "metrics")
