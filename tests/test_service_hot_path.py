@@ -15,6 +15,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import socket
 
 import httpx
@@ -26,7 +27,8 @@ from PIL import Image
 from dyce.preprocess import FASHION_MNIST, IMAGENET
 from service.edge.decode import ImageDecoder
 from service.edge.protocol import _HeadWithBody
-from tests.conftest import metric_sum, scrape
+from service.engine.model import ModelRuntime
+from tests.conftest import metric_sum, scrape, service_settings
 
 PNG = {"content-type": "image/png"}
 MODES = ["L", "RGB", "RGBA", "P", "LA", "I;16", "1"]
@@ -212,3 +214,24 @@ def test_head_requests_and_100_continue_still_complete_on_a_kept_connection(live
         assert json.loads(body)["predictions"]
 
     assert httpx.get(f"{live_server.url}/v2/health/live").status_code == 200
+
+
+@pytest.mark.parametrize("memory_format", ["auto", "contiguous"])
+def test_warm_up_tunes_the_segments_only_when_asked(core_demo_artifacts, memory_format, caplog):
+    runtime = ModelRuntime(service_settings(core_demo_artifacts, memory_format=memory_format))
+    with caplog.at_level(logging.INFO, logger="dyce.service"):
+        runtime.warm_up(runtime.initial_bank)
+    backend = runtime.executor.backend
+    tuned = "segments as timed fastest" in caplog.text
+    if memory_format == "contiguous":
+        assert not tuned
+        assert backend.memory_formats == [torch.contiguous_format] * runtime.num_positions
+        assert backend.singly_below == [0] * runtime.num_positions
+        assert all(p.is_contiguous() for p in backend.backbone.parameters())
+    else:
+        assert tuned
+    # Whatever was chosen, each segment's weights are laid out as its inputs will be: no
+    # conversion hides in every call.
+    for segment, memory_format_used in zip(backend.backbone.segments, backend.memory_formats, strict=True):
+        for weight in (p for p in segment.parameters() if p.dim() == 4):
+            assert weight.is_contiguous(memory_format=memory_format_used)
