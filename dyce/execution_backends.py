@@ -9,8 +9,6 @@ network.
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .backbones import SegmentedModel
 from .bank import BackboneIdentity
 from .exits import ExitSet
+from .timing import median_time
 
 
 class ExecutionBackend(Protocol):
@@ -111,11 +110,12 @@ class TorchBackend:
             if x.dim() == 4 and any(p.dim() == 4 for p in segment.parameters()):
                 self.singly_below[position] = 0  # time whole calls only
                 timed: dict[torch.memory_format, dict[int, float]] = {}
-                for memory_format in (self.memory_formats[position], *_OTHER_FORMAT[self.memory_formats[position]]):
+                # The layout it has first, so a tie keeps it.
+                for memory_format in sorted(LAYOUTS, key=lambda f: f != self.memory_formats[position]):
                     segment.to(memory_format=memory_format)
                     self.memory_formats[position] = memory_format
-                    timed[memory_format] = {b: self._median_call(position, x[:b], repeats) for b in batch_sizes}
-                best = min(timed, key=lambda f: sum(t / b for b, t in timed[f].items()))  # a tie keeps the layout
+                    timed[memory_format] = {b: self._seconds(position, x[:b], repeats) for b in batch_sizes}
+                best = min(timed, key=lambda f: sum(t / b for b, t in timed[f].items()))
                 segment.to(memory_format=best)
                 self.memory_formats[position] = best
                 one_row = timed[best].get(1)
@@ -128,28 +128,15 @@ class TorchBackend:
             x = self.segment(position, x)
         return [SegmentTuning(f, n) for f, n in zip(self.memory_formats, self.singly_below, strict=True)]
 
-    def _median_call(self, position: int, x: torch.Tensor, repeats: int) -> float:
-        times = []
-        for attempt in range(repeats + 1):  # the first call pays one-off kernel set-up: not counted
-            self._synchronize()
-            started = time.perf_counter()
-            self.segment(position, x)
-            self._synchronize()
-            if attempt:
-                times.append(time.perf_counter() - started)
-                # Long calls vary little relative to their length: fewer repeats keep the warm-up
-                # of a large model (resnet50 at 224 px on a small CPU) in seconds, not minutes.
-                if sum(times) > TUNING_BUDGET_S:
-                    break
-        return statistics.median(times)
-
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def _seconds(self, position: int, x: torch.Tensor, repeats: int) -> float:
+        return median_time(lambda: self.segment(position, x), repeats, self.device, TUNING_BUDGET_S)[0]
 
 
+LAYOUTS = (torch.channels_last, torch.contiguous_format)
 ROW_BY_ROW_MARGIN = 0.8
-TUNING_BUDGET_S = 0.05  # timed per segment, layout and size, past the first call
+# Timed per segment, layout and size, past the first call: fewer repeats of long calls keep the
+# warm-up of a large model (resnet50 at 224 px on a small CPU) in seconds, not minutes.
+TUNING_BUDGET_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -163,9 +150,6 @@ class SegmentTuning:
     def __str__(self) -> str:
         layout = "NHWC" if self.memory_format == torch.channels_last else "NCHW"
         return layout if self.singly_below <= 2 else f"{layout}, by row below {self.singly_below}"
-
-
-_OTHER_FORMAT = {torch.channels_last: (torch.contiguous_format,), torch.contiguous_format: (torch.channels_last,)}
 
 
 class OnnxGraph(BaseModel):

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -22,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .macs import MacTable
+from .timing import median_time
 
 if TYPE_CHECKING:  # the bank imports this module, and the backends import the bank
     from .execution_backends import ExecutionBackend
@@ -122,19 +121,9 @@ def measure_latency(
     Each part runs on the tensor the previous segment produced (real shapes, real memory
     layout), once untimed to warm it up, then ``repeats`` times; the median is kept.
     """
-    device = backend.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
-        out = fn()
-        times = []
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            out = fn()
-            sync()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times), out
+        return median_time(fn, repeats, backend.device)
 
     generator = torch.Generator().manual_seed(0)
     segment_s, head_s, exit_s = [], [], []

@@ -58,12 +58,11 @@ def prepare_run_dir(root: Path | None = None) -> Path:
     return run_dir
 
 
-def remove_stale_run_dirs(root: Path | None = None) -> list[Path]:
+def remove_stale_run_dirs(root: Path | None = None) -> None:
     """Remove the run directories of this user's supervisors that are gone without cleaning up
     (SIGKILL, the OOM killer: atexit never ran), so a crash-looping replica does not fill the
     temporary directory with metric files. A directory whose owner is alive, or that names no
     owner yet (being created), is left alone."""
-    removed = []
     for run_dir in Path(root or tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*"):
         try:
             if run_dir.is_symlink() or run_dir.stat().st_uid != os.getuid():
@@ -73,9 +72,7 @@ def remove_stale_run_dirs(root: Path | None = None) -> list[Path]:
             continue
         if not _process_exists(owner):
             shutil.rmtree(run_dir, ignore_errors=True)
-            removed.append(run_dir)
             log.info("removed %s, left by dyce-serve %d, which is gone", run_dir, owner)
-    return removed
 
 
 def _process_exists(pid: int) -> bool:

@@ -164,24 +164,31 @@ class SlowInOneLayout(nn.Module):
         return self.conv(x)
 
 
-def test_each_segment_gets_the_layout_measured_faster_and_answers_do_not_change():
+def _two_segment_backend(segments: list[nn.Module]) -> tuple[TorchBackend, torch.Tensor, torch.Tensor]:
+    """A backend over ``segments`` (4 channels in and out, 6x6 maps), a batch of 8 images, and
+    what an untouched copy of the same model answers for them."""
     torch.manual_seed(0)
-    segments = [SlowInOneLayout(torch.channels_last), SlowInOneLayout(torch.contiguous_format)]
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     model = nn.Sequential(*segments, head)
-    backbone = SegmentedModel("layouts", model, segments, head, InputSpec(4, 6, 6), num_classes=3).eval()
-    exits = ExitSet.build([4, 4], 3, ("mlp1",)).eval()
+    backbone = SegmentedModel("toy", model, segments, head, InputSpec(4, 6, 6), num_classes=3).eval()
     images = torch.randn(8, 4, 6, 6)
     with torch.no_grad():
         plain = copy.deepcopy(model)(images)
+    exits = ExitSet.build([4, 4], 3, ("mlp1",)).eval()
+    return TorchBackend(backbone, exits, torch.device("cpu"), channels_last=True), images, plain
 
-    backend = TorchBackend(backbone, exits, torch.device("cpu"), channels_last=True)
+
+def test_each_segment_gets_the_layout_measured_faster_and_answers_do_not_change():
+    backend, images, plain = _two_segment_backend(
+        [SlowInOneLayout(torch.channels_last), SlowInOneLayout(torch.contiguous_format)]
+    )
+
     tuned = backend.tune_segments(images, batch_sizes=[1, 8], repeats=2)
 
     assert [t.memory_format for t in tuned] == [torch.contiguous_format, torch.channels_last]
     with torch.inference_mode():
         x = backend.prepare(images)
-        for position in range(backbone.num_positions):
+        for position in range(2):
             x = backend.segment(position, x)
             assert x.is_contiguous(memory_format=tuned[position].memory_format)
         torch.testing.assert_close(backend.head_logits(x), plain, rtol=1e-5, atol=1e-6)
@@ -203,16 +210,8 @@ class SlowAboveOneRow(nn.Module):
 
 
 def test_a_segment_whose_batched_calls_cost_more_than_single_rows_runs_row_by_row():
-    torch.manual_seed(0)
-    slow, plain_conv = SlowAboveOneRow(), nn.Conv2d(4, 4, 3, padding=1)
-    segments = [plain_conv, slow]
-    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
-    model = nn.Sequential(*segments, head)
-    backbone = SegmentedModel("rows", model, segments, head, InputSpec(4, 6, 6), num_classes=3).eval()
-    backend = TorchBackend(backbone, ExitSet.build([4, 4], 3, ("mlp1",)).eval(), torch.device("cpu"))
-    images = torch.randn(8, 4, 6, 6)
-    with torch.no_grad():
-        plain = copy.deepcopy(model)(images)
+    slow = SlowAboveOneRow()
+    backend, images, plain = _two_segment_backend([nn.Conv2d(4, 4, 3, padding=1), slow])
 
     tuned = backend.tune_segments(images, batch_sizes=[1, 2, 8], repeats=2)
 
