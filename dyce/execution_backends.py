@@ -17,10 +17,12 @@ from typing import Protocol
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from .backbones import SegmentedModel
 from .bank import BackboneIdentity
 from .exits import ExitSet
+from .segment_rewrites import SegmentRewrite, rewrite_segment
 from .timing import median_time
 
 
@@ -44,13 +46,26 @@ class TorchBackend:
         device: torch.device,
         channels_last: bool = True,
         cache_bytes: int | None = 4 << 20,
+        rewrite: bool = True,
     ):
+        """``rewrite``: run exact rewrites of the segments (``dyce.segment_rewrites``: batch norms
+        folded, kernel taps that only meet padding cropped) instead of the backbone's own modules."""
         self.device = device
         # NHWC lets oneDNN/cuDNN pick fast kernels for every layer (NCHW max-pooling alone costs
         # more than the whole first block on CPU), so time follows MACs more closely. Values and
         # weight hashes are unchanged: only strides differ.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone = backbone.to(device, memory_format=self.memory_format).eval()
+        self.segments: list[nn.Module] = list(self.backbone.segments)
+        self.rewrites: list[SegmentRewrite] = []
+        if rewrite:
+            x = torch.zeros(1, *backbone.input_spec.shape, device=device)
+            with torch.inference_mode():
+                for n, segment in enumerate(backbone.segments):
+                    rewritten, done = rewrite_segment(segment, x)
+                    self.segments[n] = rewritten.to(memory_format=self.memory_format)
+                    self.rewrites.append(done)
+                    x = segment(x)
         # What each segment's weights and input are laid out as, and below how many rows a batch
         # runs one row per call (0: never); ``tune_segments`` sets both per segment.
         self.memory_formats = [self.memory_format] * backbone.num_positions
@@ -70,7 +85,7 @@ class TorchBackend:
         return x.contiguous(memory_format=self.memory_formats[0]) if x.dim() == 4 else x
 
     def segment(self, position: int, x: torch.Tensor) -> torch.Tensor:
-        segment, rows = self.backbone.segments[position], self.rows_per_call[position]
+        segment, rows = self.segments[position], self.rows_per_call[position]
         if x.dim() == 4:
             x = x.contiguous(memory_format=self.memory_formats[position])  # free when it already is
         if 1 < x.shape[0] < self.singly_below[position]:
@@ -106,7 +121,7 @@ class TorchBackend:
             largest = images.shape[0]
             batch_sizes = sorted({min(b, largest) for b in (1, 2, 4, 8)} | {max(1, largest // 4), largest})
         x = self.prepare(images[: max(batch_sizes)])
-        for position, segment in enumerate(self.backbone.segments):
+        for position, segment in enumerate(self.segments):
             if x.dim() == 4 and any(p.dim() == 4 for p in segment.parameters()):
                 self.singly_below[position] = 0  # time whole calls only
                 timed: dict[torch.memory_format, dict[int, float]] = {}

@@ -43,8 +43,9 @@ def profile(
         # The search needs every candidate exit's time, and export-onnx writes only the exits
         # a bank uses: profiling the ONNX Runtime backend needs an export of all candidates first.
         raise ValueError("profile supports the torch backend only, for now")
-    runner = TorchBackend(backbone, exits, torch.device(device), True)
-    # Time the segments as dyce-serve runs them (its default, DYCE_MEMORY_FORMAT=auto, tunes them the same way).
+    # Time the segments as dyce-serve runs them by default: rewritten (DYCE_REWRITE_SEGMENTS) and
+    # tuned (DYCE_MEMORY_FORMAT=auto).
+    runner = TorchBackend(backbone, exits, torch.device(device), True, rewrite=True)
     runner.tune_segments(torch.randn(max_batch, *backbone.input_spec.shape, device=device))
     where = Where(
         device_type=torch.device(device).type, backend=backend, host=host_name(device), threads=torch.get_num_threads()

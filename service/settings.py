@@ -30,6 +30,11 @@ class Settings(BaseSettings):
         description="tensor layout of each backbone segment (torch backend); auto = per segment, the layout and "
         "the grouping of small batches (whole, or row by row) timed faster at warm-up on this machine",
     )
+    rewrite_segments: bool = Field(
+        True,
+        description="run exact rewrites of the backbone segments (torch backend): batch norms folded into "
+        "convolutions, kernel taps that only ever meet padding cropped; false runs torchvision's modules as they are",
+    )
     model_name: str = Field("dyce", pattern=r"^[A-Za-z0-9_.-]+$")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="debug also logs the traceback behind a start-up failure"

@@ -100,7 +100,8 @@ def test_executor_equals_the_offline_simulation_with_a_saver(setup, name):
 def test_the_backbone_never_runs_for_the_images_a_saver_answers(setup):
     backbone, saver, executor, images, _, _, configs = setup
     seen: list[int] = []
-    hook = backbone.segments[0].register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0]))
+    # The backbone's first segment as the executor runs it (rewritten), behind the saver stage.
+    hook = executor.backend.segments[1].register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0]))
     try:
         executor.run(images, configs["saver_all"])
         assert seen == []  # every image answered by the saver: not one backbone segment ran

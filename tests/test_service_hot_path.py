@@ -227,11 +227,11 @@ def test_warm_up_tunes_the_segments_only_when_asked(core_demo_artifacts, memory_
         assert not tuned
         assert backend.memory_formats == [torch.contiguous_format] * runtime.num_positions
         assert backend.singly_below == [0] * runtime.num_positions
-        assert all(p.is_contiguous() for p in backend.backbone.parameters())
+        assert all(p.is_contiguous() for segment in backend.segments for p in segment.parameters())
     else:
         assert tuned
     # Whatever was chosen, each segment's weights are laid out as its inputs will be: no
     # conversion hides in every call.
-    for segment, memory_format_used in zip(backend.backbone.segments, backend.memory_formats, strict=True):
+    for segment, memory_format_used in zip(backend.segments, backend.memory_formats, strict=True):
         for weight in (p for p in segment.parameters() if p.dim() == 4):
             assert weight.is_contiguous(memory_format=memory_format_used)

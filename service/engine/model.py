@@ -75,16 +75,19 @@ class ModelRuntime:
             with _loading(f"{layout.savers_manifest.name} / {layout.savers_weights.name}", rebuild):
                 self.model = self.model.with_savers(layout)
         backbone, exits = self.model.backbone, self.model.exits
-        backend = None
-        if settings.backend == "onnxruntime":
+        device = torch.device(settings.device)
+        if settings.backend == "torch":
+            backend = TorchBackend(
+                backbone, exits, device, settings.memory_format != "contiguous", rewrite=settings.rewrite_segments
+            )
+            if backend.rewrites:
+                log.info("segments rewritten for inference: %s", "; ".join(map(str, backend.rewrites)))
+        else:
             onnx_dir = settings.onnx_dir or layout.root / "onnx"
             with _loading(str(onnx_dir), f"export again with `dyce-offline export-onnx --artifacts {layout.root}`"):
-                backend = OnnxRuntimeBackend(onnx_dir, torch.device(settings.device), settings.torch_threads or None)
+                backend = OnnxRuntimeBackend(onnx_dir, device, settings.torch_threads or None)
                 backend.check_matches(self.manifest.identity, self.model.exit_hashes())
-        self.executor = EarlyExitExecutor(
-            backbone, exits, bank.macs, device=settings.device, backend=backend,
-            channels_last=settings.memory_format != "contiguous",
-        )  # fmt: skip
+        self.executor = EarlyExitExecutor(backbone, exits, bank.macs, device=device, backend=backend)
         missing = self.unexported_exits(bank)
         if missing:
             raise StartupError(
