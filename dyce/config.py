@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from typing import Any
@@ -56,7 +57,7 @@ class ExitConfiguration(BaseModel):
 
     @property
     def config_id(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
+        return _config_id(self)
 
     def check_candidates(self, num_candidates: Sequence[int]) -> None:
         """Raise if this configuration names an exit that the exit set does not have."""
@@ -65,3 +66,9 @@ class ExitConfiguration(BaseModel):
         for n, (k, available) in enumerate(zip(self.exits, num_candidates, strict=True)):
             if k > available:
                 raise ValueError(f"position {n}: exit {k} requested but only {available} candidates exist")
+
+
+@functools.lru_cache(maxsize=4096)
+def _config_id(config: ExitConfiguration) -> str:
+    # Every answer carries its configuration's id: hashing its JSON each time cost ~20 us a request.
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]

@@ -50,6 +50,9 @@ class Where(BaseModel):
     backend: str
     host: str
     threads: int
+    # The torch backend's segments ran rewritten (dyce.segment_rewrites), which changes their
+    # time; None: no such rewrites (ONNX Runtime), or profiled before they existed.
+    segment_rewrites: bool | None = None
 
     def differences(self, other: Where) -> list[str]:
         return [

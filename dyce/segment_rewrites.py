@@ -63,12 +63,14 @@ class CroppedConv2d(nn.Module):
 
 @torch.no_grad()
 def rewrite_segment(segment: nn.Module, example: torch.Tensor) -> tuple[nn.Module, SegmentRewrite]:
-    """A rewritten copy of ``segment`` (in eval mode) for inputs shaped like ``example``.
+    """A rewritten copy of ``segment`` (which must be in eval mode) for inputs shaped like ``example``.
 
     The copy is checked against ``segment`` on a random input of that shape; should tracing have
-    changed what it computes, the segment runs as it is (a plain copy) and a warning says so."""
-    original = copy.deepcopy(segment).eval()
-    rewritten = copy.deepcopy(original)
+    changed what it computes, ``segment`` itself is returned (nothing rewritten) and a warning
+    says so."""
+    if segment.training:
+        raise ValueError("rewrites fold batch-norm statistics: the segment must be in eval mode")
+    rewritten = copy.deepcopy(segment)
     norms_before = _count(rewritten, nn.BatchNorm2d)
     traced = True
     try:
@@ -79,10 +81,10 @@ def rewrite_segment(segment: nn.Module, example: torch.Tensor) -> tuple[nn.Modul
     folded = norms_before - _count(rewritten, nn.BatchNorm2d)
     cropped = crop_dead_taps(rewritten, example)
     probe = torch.randn(example.shape, generator=torch.Generator().manual_seed(0)).to(example)
-    expected, got = original(probe), rewritten(probe)
+    expected, got = segment(probe), rewritten(probe)
     if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max()):
         log.warning("rewriting %s changed its outputs; it runs as it is", type(segment).__name__)
-        return original, SegmentRewrite(0, 0, traced)
+        return segment, SegmentRewrite(0, 0, traced)
     return rewritten, SegmentRewrite(folded, cropped, traced)
 
 

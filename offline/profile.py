@@ -48,7 +48,11 @@ def profile(
     runner = TorchBackend(backbone, exits, torch.device(device), True, rewrite=True)
     runner.tune_segments(torch.randn(max_batch, *backbone.input_spec.shape, device=device))
     where = Where(
-        device_type=torch.device(device).type, backend=backend, host=host_name(device), threads=torch.get_num_threads()
+        device_type=torch.device(device).type,
+        backend=backend,
+        host=host_name(device),
+        threads=torch.get_num_threads(),
+        segment_rewrites=True,
     )
     buckets = default_buckets(max_batch)
     with Progress(transient=True) as bar:

@@ -180,8 +180,15 @@ def test_a_rewrite_that_changes_outputs_is_not_used(monkeypatch, caplog):
 
     assert (done.folded_norms, done.cropped_convs) == (0, 0)
     assert "changed its outputs" in caplog.text
+    assert rewritten is segment  # the original modules run, no copy kept
     with torch.no_grad():
         torch.testing.assert_close(rewritten(x), segment(x))
+
+
+def test_a_segment_in_training_mode_is_refused():
+    # Folding uses the running statistics; in training mode batch norm would use the batch's.
+    with pytest.raises(ValueError, match="eval mode"):
+        rewrite_segment(nn.Sequential(nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2)).train(), torch.randn(1, 2, 4, 4))
 
 
 def test_the_backend_serves_the_demo_backbone_rewritten_with_the_plain_models_outputs():

@@ -12,7 +12,13 @@ import pytest
 from dyce.bank import Bank
 from tests.conftest import LiveServer, service_settings
 
-H100 = {"device_type": "cuda", "backend": "torch", "host": "NVIDIA H100 80GB HBM3", "threads": 16}
+H100 = {
+    "device_type": "cuda",
+    "backend": "torch",
+    "host": "NVIDIA H100 80GB HBM3",
+    "threads": 16,
+    "segment_rewrites": True,
+}
 
 
 def test_a_bank_profiled_elsewhere_is_served_and_says_so(core_demo_artifacts, tmp_path, caplog):
@@ -40,3 +46,25 @@ def test_a_bank_profiled_elsewhere_is_served_and_says_so(core_demo_artifacts, tm
         for entry in rest:
             ratio = estimates[entry.config].per_image_s / estimates[first.config].per_image_s
             assert ratio == pytest.approx(entry.search.relative_latency / first.search.relative_latency)
+
+
+@pytest.mark.parametrize("rewrite_segments", [True, False])
+def test_a_bank_profiled_on_rewritten_segments_warns_a_server_that_runs_them_as_loaded(
+    core_demo_artifacts, rewrite_segments
+):
+    """`dyce-offline profile` times rewritten segments; served without rewrites, those times are
+    another set-up's, and the one difference named is that."""
+    import torch
+
+    from dyce.bank import CostBasis
+    from dyce.profile import Where, host_name
+    from service.engine.model import ModelRuntime
+
+    runtime = ModelRuntime(service_settings(core_demo_artifacts, rewrite_segments=rewrite_segments))
+    bank = runtime.initial_bank
+    here = Where(device_type="cpu", backend="torch", host=host_name("cpu"), threads=torch.get_num_threads())
+    profiled = bank.model_copy(
+        update={"cost": CostBasis(kind="latency", where=here.model_copy(update={"segment_rewrites": True}), batch=32)}
+    )
+
+    assert runtime.costed_elsewhere(profiled) == ([] if rewrite_segments else ["segment_rewrites True vs False"])
