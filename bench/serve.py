@@ -45,11 +45,10 @@ from serving_harness import (
     MAX_DROP,
     TORCH_THREADS,
     Body,
-    cpu_summary,
     drop_tier,
     fashion_mnist_pngs,
-    gpu_summary,
     hey,
+    host_and_load,
     load_bank,
     measured_server,
     multipart,
@@ -277,9 +276,7 @@ def main(
         "tiers": figures,
         "artifacts": str(artifacts),
         "torch_threads": torch_threads,
-        "load_before": load_before,
-        "load_after": os.getloadavg(),
-        "host": {"cpu": cpu_summary(), "gpu": gpu_summary()},
+        **host_and_load(load_before),
     }
     print(json.dumps(result))
 

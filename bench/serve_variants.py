@@ -30,10 +30,9 @@ from serving_harness import (
     ARTIFACTS,
     MAX_DROP,
     TORCH_THREADS,
-    cpu_summary,
     drop_tier,
     fashion_mnist_pngs,
-    gpu_summary,
+    host_and_load,
     load_bank,
     measured_server,
     percentile_ms,
@@ -140,9 +139,7 @@ def main(
         "http_workers": http_workers,
         "torch_threads": torch_threads,
         "artifacts": str(artifacts),
-        "load_before": load_before,
-        "load_after": os.getloadavg(),
-        "host": {"cpu": cpu_summary(), "gpu": gpu_summary()},
+        **host_and_load(load_before),
     }
     print(json.dumps(result))
 

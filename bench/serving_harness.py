@@ -145,6 +145,16 @@ def gpu_summary() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
 
 
+def host_and_load(load_before: tuple[float, float, float]) -> dict[str, object]:
+    """What a bench's JSON line ends with, so runs compare across hosts: the load average before
+    and after the run, the CPU's flags and the GPU."""
+    return {
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "host": {"cpu": cpu_summary(), "gpu": gpu_summary()},
+    }
+
+
 def percentile_ms(seconds: list[float], q: float) -> float:
     return float(np.percentile(seconds, q) * 1e3) if seconds else float("nan")
 
