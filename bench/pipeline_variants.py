@@ -45,11 +45,22 @@ from service.settings import Settings
 console = Console(stderr=True)
 
 
-def parse_variant(text: str) -> dict[str, str]:
+def parse_variant(text: str, fixed: set[str]) -> dict[str, str]:
+    """``key=value[,key=value]`` as settings; ``fixed``: settings the bench sets itself (its options)."""
     pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
     if any(len(pair) != 2 for pair in pairs):
         raise typer.BadParameter(f"variant {text!r}: expected key=value[,key=value]")
-    return {key.strip(): value.strip() for key, value in pairs}
+    variant = {key.strip().lower(): value.strip() for key, value in pairs}
+    if clash := sorted(set(variant) & fixed):
+        raise typer.BadParameter(
+            f"variant {text!r} sets {clash}, which this bench sets for every variant: use its options"
+        )
+    return variant
+
+
+def inherited_settings() -> dict[str, str]:
+    """``DYCE_*`` variables of this shell: every variant inherits them, so the JSON line says which."""
+    return {key: value for key, value in os.environ.items() if key.startswith("DYCE_")}
 
 
 def segment_batch1_ms(runtime: ModelRuntime, image: torch.Tensor) -> list[float]:
@@ -80,17 +91,18 @@ def main(
     pngs = fashion_mnist_pngs(8 * max_batch_size)
     names = [text or "defaults" for text in variant]
     runtimes = {}
+    fixed = {"artifacts_dir": artifacts, "admin_token": "bench-" + "x" * 20, "torch_threads": torch_threads,
+             "max_batch_size": max_batch_size}  # fmt: skip
     for name, text in zip(names, variant, strict=True):
-        settings = Settings(
-            artifacts_dir=artifacts, admin_token="bench-" + "x" * 20, torch_threads=torch_threads,
-            max_batch_size=max_batch_size, **parse_variant(text),
-        )  # fmt: skip
+        settings = Settings(**fixed, **parse_variant(text, set(fixed)))
         runtimes[name] = ModelRuntime(settings)
         runtimes[name].warm_up(bank)
 
     measured: dict[str, dict[str, list[float]]] = {name: {} for name in names}
-    for _ in track(range(rounds), description="rounds", console=console):
-        for name, runtime in runtimes.items():
+    for round_index in track(range(rounds), description="rounds", console=console):
+        # Alternate the order, so no variant always runs right after another's allocations.
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            runtime = runtimes[name]
             for tier, index in tiers.items():
                 config = bank.entries[index].config
                 for mode, drained in (("undrained", False), ("drained", True)):
@@ -127,6 +139,7 @@ def main(
         "max_batch_size": max_batch_size,
         "torch_threads": torch_threads,
         "artifacts": str(artifacts),
+        "inherited_settings": inherited_settings(),
         **host_and_load(load_before),
     }
     print(json.dumps(result))

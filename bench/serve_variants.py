@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import typer
-from pipeline_variants import parse_variant
+from pipeline_variants import inherited_settings, parse_variant
 from rich.console import Console
 from serve import served_load, v2_bodies
 from serving_harness import (
@@ -43,6 +43,12 @@ from service.settings import Settings
 
 console = Console(stderr=True)
 OUT = Path(__file__).parent / "out"
+# What measured_server sets for every server (a variant's value would be overridden) and what
+# ServerProcess sets itself: options of this bench, not variants.
+SET_BY_BENCH = {
+    "artifacts_dir", "admin_token", "port", "torch_threads", "max_batch_size", "http_workers",
+    "autoswitch", "queue_capacity", "slo_p95_ms",
+}  # fmt: skip
 
 
 def batch1_p50_ms(url: str, pngs: list[bytes]) -> float:
@@ -83,7 +89,7 @@ def main(
     with contextlib.ExitStack() as stack:
         servers = {}
         for name, text in zip(names, variant, strict=True):
-            overrides = {f"DYCE_{key.upper()}": value for key, value in parse_variant(text).items()}
+            overrides = {f"DYCE_{key.upper()}": value for key, value in parse_variant(text, SET_BY_BENCH).items()}
             saved = {key: os.environ.get(key) for key in overrides}
             os.environ.update(overrides)  # the server process inherits them
             try:
@@ -139,6 +145,7 @@ def main(
         "http_workers": http_workers,
         "torch_threads": torch_threads,
         "artifacts": str(artifacts),
+        "inherited_settings": inherited_settings(),
         **host_and_load(load_before),
     }
     print(json.dumps(result))

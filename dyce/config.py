@@ -71,4 +71,6 @@ class ExitConfiguration(BaseModel):
 @functools.lru_cache(maxsize=4096)
 def _config_id(config: ExitConfiguration) -> str:
     # Every answer carries its configuration's id: hashing its JSON each time cost ~20 us a request.
-    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
+    # A threshold of -0.0 equals 0.0 but prints otherwise: equal configurations get one id.
+    canonical = config.model_copy(update={"thresholds": tuple(t + 0.0 for t in config.thresholds)})
+    return hashlib.sha256(canonical.model_dump_json().encode()).hexdigest()[:12]

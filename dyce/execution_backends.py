@@ -60,10 +60,12 @@ class TorchBackend:
         self.rewrites: list[SegmentRewrite] = []
         if rewrite:
             x = torch.zeros(1, *backbone.input_spec.shape, device=device)
-            with torch.inference_mode():
+            # no_grad, not inference_mode: inference tensors as weights would refuse later in-place
+            # updates and any call with grad enabled.
+            with torch.no_grad():
                 for n, segment in enumerate(backbone.segments):
                     rewritten, done = rewrite_segment(segment, x)
-                    self.segments[n] = rewritten.to(memory_format=self.memory_format)
+                    self.segments[n] = rewritten.to(memory_format=self.memory_format).requires_grad_(False)
                     self.rewrites.append(done)
                     x = segment(x)
         # What each segment's weights and input are laid out as, and below how many rows a batch
@@ -79,6 +81,11 @@ class TorchBackend:
         if device.type == "cpu" and cache_bytes:
             for n, shape in enumerate(backbone.position_shapes()):
                 self.rows_per_call[n] = max(1, cache_bytes // (4 * math.prod(shape)))
+
+    @property
+    def rewritten(self) -> bool:
+        """Whether any segment runs rewritten (what a latency profile of this backend timed)."""
+        return any(r.folded_norms or r.cropped_convs for r in self.rewrites)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True)

@@ -189,11 +189,14 @@ def profile_command(
     max_batch: Annotated[int, typer.Option(min=1, help="largest batch bucket (the server's DYCE_MAX_BATCH_SIZE)")] = 32,
     repeats: Annotated[int, typer.Option(min=1, help="timed runs per part and bucket (median kept)")] = 5,
     threads: Annotated[int | None, typer.Option(help="intra-op threads, as DYCE_TORCH_THREADS will be")] = None,
+    rewrite: Annotated[
+        bool, typer.Option(help="time the segments rewritten, as DYCE_REWRITE_SEGMENTS (default true) will run them")
+    ] = True,
 ) -> None:
     """Time every segment, exit and the head per batch bucket on this device (for --cost latency)."""
     from .profile import profile
 
-    result = profile(ctx.obj, device=device, max_batch=max_batch, repeats=repeats, threads=threads)
+    result = profile(ctx.obj, device=device, max_batch=max_batch, repeats=repeats, threads=threads, rewrite=rewrite)
     typer.echo(
         json.dumps(
             {

@@ -30,6 +30,7 @@ def profile(
     max_batch: int = 32,
     repeats: int = 5,
     threads: int | None = None,
+    rewrite: bool = True,
 ) -> LatencyProfile:
     """``threads``: intra-op threads, as the server will run (``DYCE_TORCH_THREADS``); default torch's."""
     inputs = current_inputs(layout, ("backbone", "exits", "savers"))
@@ -43,16 +44,16 @@ def profile(
         # The search needs every candidate exit's time, and export-onnx writes only the exits
         # a bank uses: profiling the ONNX Runtime backend needs an export of all candidates first.
         raise ValueError("profile supports the torch backend only, for now")
-    # Time the segments as dyce-serve runs them by default: rewritten (DYCE_REWRITE_SEGMENTS) and
-    # tuned (DYCE_MEMORY_FORMAT=auto).
-    runner = TorchBackend(backbone, exits, torch.device(device), True, rewrite=True)
+    # Time the segments as dyce-serve will run them: rewritten or not (DYCE_REWRITE_SEGMENTS) and
+    # tuned (its default, DYCE_MEMORY_FORMAT=auto).
+    runner = TorchBackend(backbone, exits, torch.device(device), True, rewrite=rewrite)
     runner.tune_segments(torch.randn(max_batch, *backbone.input_spec.shape, device=device))
     where = Where(
         device_type=torch.device(device).type,
         backend=backend,
         host=host_name(device),
         threads=torch.get_num_threads(),
-        segment_rewrites=True,
+        segment_rewrites=runner.rewritten,
     )
     buckets = default_buckets(max_batch)
     with Progress(transient=True) as bar:
@@ -68,6 +69,9 @@ def profile(
             progress=lambda _: bar.advance(task),
         )
     layout.profile.write_text(result.model_dump_json(indent=1))
-    recipe = {"device": device, "backend": backend, "max_batch": max_batch, "repeats": repeats, "threads": threads}
+    recipe = {
+        "device": device, "backend": backend, "max_batch": max_batch, "repeats": repeats, "threads": threads,
+        "rewrite": rewrite,
+    }  # fmt: skip
     write_step_manifest(layout, "profile", "profile", recipe, inputs)
     return result

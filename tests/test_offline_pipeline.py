@@ -237,6 +237,7 @@ def test_latency_costed_search_uses_the_measured_profile(built, tmp_path):
     assert profiled.exit_code == 0, profiled.output
     profile = LatencyProfile.model_validate_json(layout.profile.read_text())
     assert profile.buckets == (1, 2, 4) and profile.where.device_type == "cpu"
+    assert profile.where.segment_rewrites is True  # timed as dyce-serve runs them by default
     searched = CliRunner().invoke(
         app, ["--artifacts", root, "search", "--cost", "latency", "--batch", "4", "--algorithms", "single_pass"]
     )

@@ -47,39 +47,53 @@ def test_a_strided_3x3_convolution_on_a_2x2_map_keeps_the_four_taps_that_meet_pi
         torch.testing.assert_close(block(x)[:, :, 0, 0], by_hand, rtol=1e-5, atol=1e-6)
 
 
-GEOMETRIES = [
-    (kernel, stride, padding, dilation, size)
-    for kernel, stride, padding, dilation, size in itertools.product(
-        (1, 2, 3, 5), (1, 2, 3), (0, 1, 2, 3), (1, 2), (1, 2, 3, 5)
-    )
-    if size + 2 * padding - dilation * (kernel - 1) - 1 >= 0  # at least one output pixel
+def _has_output(kernel, stride, padding, dilation, size) -> bool:
+    return all(n + 2 * p - d * (k - 1) - 1 >= 0 for k, p, d, n in zip(kernel, padding, dilation, size, strict=True))
+
+
+SQUARE = [
+    ((k, k), (s, s), (p, p), (d, d), (n, n), 1)
+    for k, s, p, d, n in itertools.product((1, 2, 3, 5), (1, 2, 3), (0, 1, 2, 3), (1, 2), (1, 2, 3, 5))
 ]
+# Rows and columns differ (a swapped-dimension bug shows), and grouped and depthwise convolutions.
+UNEVEN = [
+    ((1, 3), (1, 1), (0, 1), (1, 1), (5, 1), 1),
+    ((3, 1), (2, 1), (1, 0), (1, 1), (2, 4), 1),
+    ((3, 5), (1, 2), (1, 2), (1, 1), (1, 3), 1),
+    ((5, 3), (2, 1), (2, 1), (1, 2), (2, 3), 1),
+    ((3, 3), (1, 2), (1, 1), (1, 1), (1, 4), 2),
+    ((5, 5), (1, 1), (2, 2), (1, 1), (2, 3), 4),
+    ((3, 5), (2, 2), (1, 2), (1, 1), (2, 2), 4),
+]
+GEOMETRIES = [g for g in SQUARE + UNEVEN if _has_output(*g[:5])]
 
 
-@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation", "size"), GEOMETRIES)
-def test_cropping_keeps_exactly_the_taps_whose_weights_change_the_output(kernel, stride, padding, dilation, size):
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation", "size", "groups"), GEOMETRIES)
+def test_cropping_keeps_exactly_the_taps_whose_weights_change_the_output(
+    kernel, stride, padding, dilation, size, groups
+):
     """Brute force: a tap is live when changing its weight changes some output. Where the live
     taps span less than the kernel and a convolution with symmetric padding can run that span
     alone (tried here with torch's own conv2d), the kernel must be cropped to exactly that span;
     elsewhere it stays whole. Either way the answer is the full convolution's."""
     torch.manual_seed(0)
-    conv = nn.Conv2d(2, 3, kernel, stride, padding, dilation).eval()
-    x = torch.randn(2, 2, size, size)
+    conv = nn.Conv2d(4, 4, kernel, stride, padding, dilation, groups).eval()
+    x = torch.randn(2, 4, *size)
     with torch.no_grad():
         reference = conv(x)
-        live = torch.zeros(kernel, kernel, dtype=torch.bool)
-        for i, j in itertools.product(range(kernel), repeat=2):
+        live = torch.zeros(kernel, dtype=torch.bool)
+        for i, j in itertools.product(range(kernel[0]), range(kernel[1])):
             weight = conv.weight.clone()
             weight[:, :, i, j] += 1.0
-            live[i, j] = not torch.equal(F.conv2d(x, weight, conv.bias, stride, padding, dilation), reference)
+            live[i, j] = not torch.equal(F.conv2d(x, weight, conv.bias, stride, padding, dilation, groups), reference)
     rows, cols = live.any(1).nonzero().flatten().tolist(), live.any(0).nonzero().flatten().tolist()
     croppable = False
-    if rows and (rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1) != (kernel, kernel):
+    if rows and (rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1) != kernel:
         span = conv.weight[:, :, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-        pads = (padding - rows[0] * dilation, padding - cols[0] * dilation)
+        pads = (padding[0] - rows[0] * dilation[0], padding[1] - cols[0] * dilation[1])
         if min(pads) >= 0:
             with torch.no_grad():
-                alone = F.conv2d(x, span, conv.bias, stride, pads, dilation)
+                alone = F.conv2d(x, span, conv.bias, stride, pads, dilation, groups)
             croppable = alone.shape == reference.shape and torch.allclose(alone, reference, rtol=1e-5, atol=1e-5)
     block = nn.Sequential(conv)
 
@@ -90,6 +104,15 @@ def test_cropping_keeps_exactly_the_taps_whose_weights_change_the_output(kernel,
         assert block[0].cropped.kernel_size == (rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
     with torch.no_grad():
         torch.testing.assert_close(block(x), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_the_uneven_geometries_include_crops():
+    """The hand-picked uneven cases exercise cropping itself, not only its refusal."""
+    cropped = 0
+    for kernel, stride, padding, dilation, size, groups in UNEVEN:
+        block = nn.Sequential(nn.Conv2d(4, 4, kernel, stride, padding, dilation, groups))
+        cropped += crop_dead_taps(block, torch.randn(1, 4, *size))
+    assert cropped >= 5
 
 
 def test_a_cropped_convolution_runs_the_full_kernel_on_any_other_size():

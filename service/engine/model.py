@@ -98,7 +98,7 @@ class ModelRuntime:
             backend=settings.backend,
             host=host_name(settings.device),
             threads=torch.get_num_threads(),
-            segment_rewrites=settings.rewrite_segments if settings.backend == "torch" else None,
+            segment_rewrites=backend.rewritten if isinstance(backend, TorchBackend) else None,
         )
         self.warn_if_costed_elsewhere(bank)
         self.initial_bank = bank
