@@ -57,9 +57,12 @@ def test_configuration_is_immutable_hashable_and_round_trips():
     assert ExitConfiguration.model_validate_json(config.model_dump_json()) == config
     assert len({config, ExitConfiguration(exits=(2, 0, 1), thresholds=(0.9, 0.5, 0.0))}) == 1
     assert config.config_id == ExitConfiguration(exits=(2, 0, 1), thresholds=(0.9, 1.0, 0.0)).config_id
-    # Equal configurations share one id, whichever of them was seen first (-0.0 == 0.0).
-    negative_zero = ExitConfiguration(exits=(2, 0, 1), thresholds=(0.9, 1.0, -0.0))
-    assert negative_zero == config and negative_zero.config_id == config.config_id
+    # Equal configurations share one id, whichever of them was seen first: here -0.0 (equal to 0.0)
+    # in a configuration no test has hashed before, so its id is computed, not found in the cache.
+    negative_zero = ExitConfiguration(exits=(1, 0, 1), thresholds=(0.123, 1.0, -0.0))
+    plain_zero_json = b'{"exits":[1,0,1],"thresholds":[0.123,1.0,0.0]}'
+    assert negative_zero.config_id == hashlib.sha256(plain_zero_json).hexdigest()[:12]
+    assert ExitConfiguration(exits=(1, 0, 1), thresholds=(0.123, 1.0, 0.0)).config_id == negative_zero.config_id
     # The id is a hash of the configuration as JSON, fixed since banks were first written.
     assert config.config_id == hashlib.sha256(b'{"exits":[2,0,1],"thresholds":[0.9,1.0,0.0]}').hexdigest()[:12]
     with pytest.raises(ValidationError):
