@@ -63,6 +63,25 @@ def inherited_settings() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key.startswith("DYCE_")}
 
 
+def medians_and_ratios(
+    measured: dict[str, dict[str, list[float]]],
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Per variant (in order, the first the reference) and figure: the median over rounds, and
+    the median of each round's own ratio to the first variant's, so a host's drift cancels."""
+    first, *others = measured
+    medians = {
+        name: {key: statistics.median(values) for key, values in figures.items()} for name, figures in measured.items()
+    }
+    ratios = {
+        name: {
+            key: statistics.median(v / f for v, f in zip(values, measured[first][key], strict=True))
+            for key, values in measured[name].items()
+        }
+        for name in others
+    }
+    return medians, ratios
+
+
 def segment_batch1_ms(runtime: ModelRuntime, image: torch.Tensor) -> list[float]:
     """Each backbone segment's median time on one image, as the engine runs it."""
     backend = runtime.executor.backend
@@ -110,19 +129,10 @@ def main(
                     measured[name].setdefault(f"{tier}_{mode}", []).append(value)
 
     first = names[0]
+    figures, ratios = medians_and_ratios(measured)
     image = decoder(runtimes[first])(pngs[0]).unsqueeze(0)
-    figures = {
-        name: {key: statistics.median(values) for key, values in measured[name].items()}
-        | {"segment_batch1_ms": segment_batch1_ms(runtimes[name], image)}
-        for name in names
-    }
-    ratios = {
-        name: {
-            key: statistics.median(v / f for v, f in zip(measured[name][key], measured[first][key], strict=True))
-            for key in measured[name]
-        }
-        for name in names[1:]
-    }
+    for name in names:
+        figures[name]["segment_batch1_ms"] = segment_batch1_ms(runtimes[name], image)
 
     table = Table("variant", *measured[first], "ratio to first (median of rounds)")
     for name in names:

@@ -17,13 +17,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import httpx
 import typer
-from pipeline_variants import inherited_settings, parse_variant
+from pipeline_variants import inherited_settings, medians_and_ratios, parse_variant
 from rich.console import Console
 from serve import served_load, v2_bodies
 from serving_harness import (
@@ -124,14 +123,7 @@ def main(
             d / t / predicted_gain for t, d in zip(tops, drops, strict=True)
         ]
     first = names[0]
-    figures = {name: {key: statistics.median(values) for key, values in measured[name].items()} for name in names}
-    ratios = {
-        name: {
-            key: statistics.median(v / f for v, f in zip(measured[name][key], measured[first][key], strict=True))
-            for key in measured[name]
-        }
-        for name in names[1:]
-    }
+    figures, ratios = medians_and_ratios(measured)
     result = {
         "variants": figures,
         "ratios": ratios,

@@ -16,9 +16,9 @@ weight hashes and ONNX exports stay torchvision's modules).
 
 Values change only by float rounding (the folded bias is added in another order). Tracing with
 torch.fx patches ``nn.Module`` process-wide while it runs, so segments are rewritten when the
-model loads, before anything else runs modules. Counts in the
-bank (MACs from ``torch.utils.flop_counter`` on the plain model) are untouched: they describe the
-model, not how fast this machine runs it.
+model loads, before anything else runs modules. Counts in the bank (MACs from
+``torch.utils.flop_counter`` on the plain model) are untouched: they describe the model, not how
+fast this machine runs it.
 """
 
 from __future__ import annotations

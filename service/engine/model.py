@@ -94,7 +94,7 @@ class ModelRuntime:
                 f"the bank uses exits {missing} that have no ONNX graph", "rerun `dyce-offline export-onnx`"
             )
         self.where = Where(
-            device_type=torch.device(settings.device).type,
+            device_type=device.type,
             backend=settings.backend,
             host=host_name(settings.device),
             threads=torch.get_num_threads(),
