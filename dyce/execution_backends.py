@@ -48,16 +48,20 @@ class TorchBackend:
         cache_bytes: int | None = 4 << 20,
         rewrite: bool = True,
     ):
-        """``rewrite``: run exact rewrites of the segments (``dyce.segment_rewrites``: batch norms
-        folded, kernel taps that only meet padding cropped) instead of the backbone's own modules."""
+        """``rewrite``: run exact rewrites of the segments and of the exits that have anything to
+        rewrite (``dyce.segment_rewrites``: batch norms folded, kernel taps that only meet padding
+        cropped) instead of the loaded modules."""
         self.device = device
         # NHWC lets oneDNN/cuDNN pick fast kernels for every layer (NCHW max-pooling alone costs
         # more than the whole first block on CPU), so time follows MACs more closely. Values and
         # weight hashes are unchanged: only strides differ.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone = backbone.to(device, memory_format=self.memory_format).eval()
+        self.exits = exits.to(device).eval()
         self.segments: list[nn.Module] = list(self.backbone.segments)
+        self.exit_modules: list[list[nn.Module]] = [list(candidates) for candidates in self.exits.candidates]
         self.rewrites: list[SegmentRewrite] = []
+        self.exit_rewrites: dict[tuple[int, int], SegmentRewrite] = {}
         if rewrite:
             x = torch.zeros(1, *backbone.input_spec.shape, device=device)
             # no_grad, not inference_mode: inference tensors as weights would refuse later in-place
@@ -68,11 +72,17 @@ class TorchBackend:
                     self.segments[n] = rewritten.to(memory_format=self.memory_format).requires_grad_(False)
                     self.rewrites.append(done)
                     x = segment(x)
+                    for k, module in enumerate(self.exit_modules[n], start=1):
+                        # A saver (a small CNN on the raw image, run on every request) has batch
+                        # norms to fold; pooled-MLP exits have nothing to rewrite and stay uncopied.
+                        if any(isinstance(m, REWRITABLE) for m in module.modules()):
+                            rewritten, done = rewrite_segment(module, x)
+                            self.exit_modules[n][k - 1] = rewritten.requires_grad_(False)
+                            self.exit_rewrites[(n, k)] = done
         # What each segment's weights and input are laid out as, and below how many rows a batch
         # runs one row per call (0: never); ``tune_segments`` sets both per segment.
         self.memory_formats = [self.memory_format] * backbone.num_positions
         self.singly_below = [0] * backbone.num_positions
-        self.exits = exits.to(device).eval()
         # On CPU a high-resolution segment run on a whole batch streams its activations through
         # memory instead of cache: resnet50's first blocks run ~1.4x slower per image at batch 32
         # than at batch 1, so wall time drifts from MACs toward the early segments. Such segments
@@ -84,8 +94,8 @@ class TorchBackend:
 
     @property
     def rewritten(self) -> bool:
-        """Whether any segment runs rewritten (what a latency profile of this backend timed)."""
-        return any(r.folded_norms or r.cropped_convs for r in self.rewrites)
+        """Whether any segment or exit runs rewritten (what a latency profile of this backend timed)."""
+        return any(r.folded_norms or r.cropped_convs for r in [*self.rewrites, *self.exit_rewrites.values()])
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True)
@@ -102,7 +112,7 @@ class TorchBackend:
         return torch.cat([segment(chunk) for chunk in x.split(rows)])
 
     def exit_logits(self, position: int, index: int, x: torch.Tensor) -> torch.Tensor:
-        return self.exits.exit(position, index)(x)
+        return self.exit_modules[position][index - 1](x)
 
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.head(x)
@@ -155,6 +165,7 @@ class TorchBackend:
 
 
 LAYOUTS = (torch.channels_last, torch.contiguous_format)
+REWRITABLE = (nn.Conv2d, nn.BatchNorm2d)
 ROW_BY_ROW_MARGIN = 0.8
 # Timed per segment, layout and size, past the first call: fewer repeats of long calls keep the
 # warm-up of a large model (resnet50 at 224 px on a small CPU) in seconds, not minutes.

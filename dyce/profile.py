@@ -50,8 +50,8 @@ class Where(BaseModel):
     backend: str
     host: str
     threads: int
-    # The torch backend's segments ran rewritten (dyce.segment_rewrites), which changes their
-    # time; None: no such rewrites (ONNX Runtime), or profiled before they existed.
+    # The torch backend's segments (and any saver) ran rewritten (dyce.segment_rewrites), which
+    # changes their time; None: no such rewrites (ONNX Runtime), or profiled before they existed.
     segment_rewrites: bool | None = None
 
     def differences(self, other: Where) -> list[str]:

@@ -32,8 +32,9 @@ class Settings(BaseSettings):
     )
     rewrite_segments: bool = Field(
         True,
-        description="run exact rewrites of the backbone segments (torch backend): batch norms folded into "
-        "convolutions, kernel taps that only ever meet padding cropped; false runs torchvision's modules as they are",
+        description="run exact rewrites of the backbone segments and of the exits with convolutions (savers), "
+        "torch backend: batch norms folded into convolutions, kernel taps that only ever meet padding cropped; "
+        "false runs the loaded modules as they are",
     )
     model_name: str = Field("dyce", pattern=r"^[A-Za-z0-9_.-]+$")
     log_level: Literal["debug", "info", "warning", "error"] = Field(

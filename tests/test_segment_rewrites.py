@@ -11,6 +11,7 @@ from torch import nn
 import dyce.segment_rewrites as rewrites
 from dyce.backbones import build_backbone
 from dyce.execution_backends import TorchBackend
+from dyce.savers import attach_savers, build_saver
 from dyce.segment_rewrites import CroppedConv2d, crop_dead_taps, rewrite_segment
 from tests.core_helpers import demo_parts
 
@@ -235,3 +236,35 @@ def test_the_backend_serves_the_demo_backbone_rewritten_with_the_plain_models_ou
     unrewritten = TorchBackend(backbone, exits, torch.device("cpu"), rewrite=False)
     assert unrewritten.rewrites == []
     assert all(a is b for a, b in zip(unrewritten.segments, backbone.segments, strict=True))
+
+
+def test_the_backend_runs_a_savers_batch_norms_folded_and_leaves_pooled_mlp_exits_uncopied():
+    backbone, exits, _ = demo_parts()
+    torch.manual_seed(3)
+    savers = [build_saver(kind, backbone.input_spec, backbone.num_classes) for kind in ("cnn_small", "cnn_wide")]
+    for saver in savers:
+        _random_norm_statistics(saver)
+    staged, all_exits = attach_savers(backbone, exits, [s.eval() for s in savers], ["cnn_small", "cnn_wide"])
+    images = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():  # the reference: the savers as trained, before any backend exists
+        expected = [saver(images) for saver in savers]
+
+    backend = TorchBackend(staged, all_exits, torch.device("cpu"))
+
+    # Each strided CNN: three Conv-BN-ReLU blocks, every batch norm folded.
+    assert {key: done.folded_norms for key, done in backend.exit_rewrites.items()} == {(0, 1): 3, (0, 2): 3}
+    assert backend.rewritten
+    for k, saver in enumerate(savers, start=1):
+        assert backend.exit_modules[0][k - 1] is not saver
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in backend.exit_modules[0][k - 1].modules())
+    with torch.inference_mode():
+        x = backend.prepare(images)
+        for k in (1, 2):
+            torch.testing.assert_close(backend.exit_logits(0, k, x), expected[k - 1], rtol=1e-4, atol=1e-5)
+    # Nothing to fold or crop in a pooled MLP: the loaded module runs, no copy of its weights.
+    for spec in all_exits.all_specs():
+        if spec.position > 0:
+            assert backend.exit_modules[spec.position][spec.index - 1] is all_exits.exit(spec.position, spec.index)
+    unrewritten = TorchBackend(staged, all_exits, torch.device("cpu"), rewrite=False)
+    assert unrewritten.exit_rewrites == {}
+    assert unrewritten.exit_modules[0] == list(all_exits.candidates[0])

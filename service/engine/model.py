@@ -82,6 +82,9 @@ class ModelRuntime:
             )
             if backend.rewrites:
                 log.info("segments rewritten for inference: %s", "; ".join(map(str, backend.rewrites)))
+            if backend.exit_rewrites:
+                described = (f"({n}, {k}) {done}" for (n, k), done in backend.exit_rewrites.items())
+                log.info("exits rewritten for inference: %s", "; ".join(described))
         else:
             onnx_dir = settings.onnx_dir or layout.root / "onnx"
             with _loading(str(onnx_dir), f"export again with `dyce-offline export-onnx --artifacts {layout.root}`"):
