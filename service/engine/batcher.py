@@ -1,13 +1,21 @@
 """Bounded queue + dynamic batcher in front of the core's continuous early-exit pipeline.
 
 Handlers ``submit`` a job (one request's images, already decoded, bound to one tier) and await
-its future. One asyncio task admits whatever queued up while the previous step ran and hands
-it to a one-thread pool, where ``dyce.pipeline.EarlyExitPipeline`` runs it: every segment runs
-on full batches, survivors of an exit wait at their position for later arrivals, and each
-sample carries its own configuration, so a switch never changes a sample in flight and every
-answer comes from exactly one configuration. Under load torch never runs on the event loop;
-only a step that is all the work the batcher has, and whose shape (configurations, images) was
-measured short before, runs on it (``INLINE_STEP_S``).
+its future. One asyncio task admits whatever queued up and hands it to a one-thread pool, where
+``dyce.pipeline.EarlyExitPipeline`` runs it: every segment runs on full batches, survivors of an
+exit wait at their position for later arrivals, and each sample carries its own configuration,
+so a switch never changes a sample in flight and every answer comes from exactly one
+configuration. Under load torch never runs on the event loop; only a step that is all the work
+the batcher has, and whose shape (configurations, images) was measured short before, runs on it
+(``INLINE_STEP_S``).
+
+The inference thread does not go back to the loop between steps: when a step ends and more
+jobs are queued, it admits them itself and runs the next step, and hands each step's answers to
+the loop as it goes (``call_soon_threadsafe``). Returning to the loop first left the model idle
+while the loop got round to resuming the batcher behind the HTTP work queued before it: on a
+2-core host under load, a gap of 0.6 ms at the median (2.5 ms mean) between steps of ~6 ms.
+The queue and its counters are shared under a lock; the jobs inside the pipeline (``_inside``)
+belong to whichever side runs the step, and only one does at a time.
 
 Partial batches run (``flush``) when nothing else is queued, or when the oldest sample inside
 the pipeline has waited ``max_wait_s``: under sustained load the rare sample that reaches a
@@ -22,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -125,6 +134,9 @@ class DynamicBatcher:
         self._queue: deque[Job] = deque()
         self._queued_images = 0
         self._queued_bytes = 0
+        # The queue and its two counters: the loop appends, the loop or the inference thread takes.
+        self._queue_lock = threading.Lock()
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         # Admitted requests still decoding: they count against every capacity.
         self._reserved_requests = self._reserved_images = self._reserved_bytes = 0
         self._inside: dict[int, Job] = {}  # jobs with images in the pipeline, by id
@@ -164,7 +176,8 @@ class DynamicBatcher:
             if on_death is not None:
                 on_death()
 
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="dyce-batcher")
+        self._event_loop = asyncio.get_running_loop()
+        self._task = self._event_loop.create_task(self._loop(), name="dyce-batcher")
         self._task.add_done_callback(died)
 
     async def stop(self) -> None:
@@ -172,16 +185,18 @@ class DynamicBatcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._pool.shutdown(wait=True)  # a step in flight ends, and takes no more jobs
         for job in [*self._queue, *self._inside.values()]:
             if not job.future.done():
                 job.future.cancel()
-        self._queue.clear()
-        self._queued_images = self._queued_bytes = 0
-        self._pool.shutdown(wait=True)
+        with self._queue_lock:
+            self._queue.clear()
+            self._queued_images = self._queued_bytes = 0
 
     def reserve(self, images: int, nbytes: int) -> Reservation:
         """Hold room for a request before its images are decoded; 429 when any capacity is spent."""
         full = None
+        # Read without the lock: the inference thread only ever shrinks the queue meanwhile.
         if len(self._queue) + self._reserved_requests >= self.capacity:
             full = f"{self.capacity} requests waiting"
         elif self.queued_images + images > self.capacity_images:
@@ -211,9 +226,10 @@ class DynamicBatcher:
         self.release(reservation)
         future = asyncio.get_running_loop().create_future()
         job = Job(images, tier, requested, overrides_active, future, reservation.nbytes)
-        self._queue.append(job)
-        self._queued_images += job.size
-        self._queued_bytes += job.nbytes
+        with self._queue_lock:
+            self._queue.append(job)
+            self._queued_images += job.size
+            self._queued_bytes += job.nbytes
         self._wakeup.set()
         return job
 
@@ -230,63 +246,84 @@ class DynamicBatcher:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except TimeoutError:
                     break
+        return self._take()
+
+    def _take(self) -> list[Job]:
+        """Up to a batch of queued jobs, now inside the pipeline; on the loop, or on the inference
+        thread between steps (never both: the loop only takes while no step runs)."""
         jobs, images = [], 0
-        while self._queue and images < self.max_batch:
-            job = self._queue.popleft()
-            self._queued_images -= job.size
-            self._queued_bytes -= job.nbytes
-            if job.future.done():
-                continue  # answered already (timeout, disconnect): spend nothing on it
-            jobs.append(job)
-            images += job.size
+        with self._queue_lock:
+            while self._queue and images < self.max_batch:
+                job = self._queue.popleft()
+                self._queued_images -= job.size
+                self._queued_bytes -= job.nbytes
+                if job.future.done():
+                    continue  # answered already (timeout, disconnect): spend nothing on it
+                jobs.append(job)
+                images += job.size
+        now = time.perf_counter()
+        for job in jobs:
+            job.admitted, job.admitted_with, job.remaining = now, images, job.size
+            self._inside[id(job)] = job
         return jobs
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            was_empty = not self._inside
             jobs = await self._admissible()
             if not jobs and not self._inside:
                 continue  # everything queued had been answered already
-            idle = not self._inside and not self._queue  # these jobs are all the work there is
+            idle = was_empty and not self._queue  # these jobs are all the work there is
             shape = (frozenset(job.tier.config for job in jobs), sum(job.size for job in jobs))
-            now = time.perf_counter()
-            for job in jobs:
-                job.admitted, job.admitted_with, job.remaining = now, sum(j.size for j in jobs), job.size
-                self._inside[id(job)] = job
             try:
                 if idle and self._idle_steps_s.get(shape, math.inf) < INLINE_STEP_S:
-                    exited = self._advance(jobs)
+                    self._advance(jobs, inline=True)
                 else:
-                    exited = await loop.run_in_executor(self._pool, self._advance, jobs)
+                    await loop.run_in_executor(self._pool, self._advance, jobs, False)
             except Exception as err:  # a model failure must answer its requests, not kill the loop
                 log.exception("the pipeline failed; failing the %d requests inside it", len(self._inside))
                 self._fail_inside(err)
                 continue
-            finished = time.perf_counter()
             if idle:
                 if len(self._idle_steps_s) >= MAX_STEP_SHAPES:  # bounded whatever banks get loaded
                     self._idle_steps_s.clear()
                 known = self._idle_steps_s.get(shape)
                 step_s = self._last_step_s
                 self._idle_steps_s[shape] = step_s if known is None else known + STEP_EWMA * (step_s - known)
-            self._deliver(jobs, exited, now, finished)
 
-    def _advance(self, jobs: list[Job]) -> list[ExitedSamples]:
-        """Inference thread (or the loop, when idle and cheap): admit, run every full batch, and
-        flush partial ones when idle or late."""
-        for job in jobs:
-            self.pipeline.push(job.images, [(id(job), row) for row in range(job.size)], job.tier.config)
-        started = time.perf_counter()
-        exited: list[ExitedSamples] = []
-        while self.pipeline.has_full_batch():
-            exited += self.pipeline.step()
-        oldest = min((job.admitted for job in self._inside.values()), default=time.perf_counter())
-        late = time.perf_counter() - oldest > self.max_wait_s
-        # len() of a deque is safe to read from this thread; the loop only appends meanwhile.
-        while self.pipeline.waiting() and (late or not self._queue):
-            exited += self.pipeline.step(flush=True)
-        self._last_step_s = time.perf_counter() - started
-        return exited
+    def _advance(self, jobs: list[Job], inline: bool) -> None:
+        """Inference thread (or the loop, when idle and cheap): admit ``jobs``, run every full
+        batch, flush partial ones when nothing is queued or the oldest has waited too long, and
+        answer what left; on the thread, again with newly queued jobs until none are."""
+        first = True
+        while True:
+            # From admission: on the loop's first step that includes the hop to this thread.
+            started = jobs[0].admitted if jobs else time.perf_counter()
+            for job in jobs:
+                self.pipeline.push(job.images, [(id(job), row) for row in range(job.size)], job.tier.config)
+            pushed = time.perf_counter()
+            exited: list[ExitedSamples] = []
+            while self.pipeline.has_full_batch():
+                exited += self.pipeline.step()
+            oldest = min((job.admitted for job in self._inside.values()), default=time.perf_counter())
+            late = time.perf_counter() - oldest > self.max_wait_s
+            # len() of a deque is safe to read from this thread; the loop only appends meanwhile.
+            while self.pipeline.waiting() and (late or not self._queue):
+                exited += self.pipeline.step(flush=True)
+            finished = time.perf_counter()
+            if first:  # an idle step's own time, for the choice to run the next one inline
+                self._last_step_s, first = finished - pushed, False
+            answered, report = self._collect(jobs, exited, started, finished)
+            if inline:
+                self._answer(answered, report, finished)
+                return
+            self._event_loop.call_soon_threadsafe(self._answer, answered, report, finished)
+            if self._stopping or not self._queue:
+                return
+            jobs = self._take()
+            if not jobs and not self._inside:
+                return  # everything queued had been answered already
 
     def _fail_inside(self, err: Exception) -> None:
         for job in self._inside.values():
@@ -295,7 +332,11 @@ class DynamicBatcher:
         self._inside.clear()
         self.pipeline = EarlyExitPipeline(self.pipeline.executor, self.max_batch)
 
-    def _deliver(self, admitted: list[Job], exited: list[ExitedSamples], started: float, finished: float) -> None:
+    def _collect(
+        self, admitted: list[Job], exited: list[ExitedSamples], started: float, finished: float
+    ) -> tuple[list[Job], BatchReport]:
+        """Put each exited row in its job; the jobs now complete (out of ``_inside``) and the step's report."""
+        answered: list[Job] = []
         positions, costs, latencies = [], [], []
         for group in exited:
             position = group.position - self.position_offset
@@ -316,7 +357,7 @@ class DynamicBatcher:
                 job.relative_macs[rows] = group.relative_macs
                 job.remaining -= len(rows)
                 if job.remaining == 0:
-                    self._complete(self._inside.pop(job_id), finished)
+                    answered.append(self._inside.pop(job_id))
                     latencies.append(finished - job.enqueued)
             positions += [position] * len(group.tags)
             costs += [group.relative_macs] * len(group.tags)
@@ -331,6 +372,12 @@ class DynamicBatcher:
             exit_positions=np.asarray(positions, dtype=np.int64),
             relative_macs=np.asarray(costs, dtype=np.float64),
         )
+        return answered, report
+
+    def _answer(self, answered: list[Job], report: BatchReport, finished: float) -> None:
+        """On the loop: resolve the answered jobs' futures, then tell the observers."""
+        for job in answered:
+            self._complete(job, finished)
         for observer in self.observers:
             try:
                 observer(report)
