@@ -83,7 +83,8 @@ class PlainBackbone(ls.LitAPI):
     def setup(self, device: str) -> None:
         torch.set_num_threads(self.threads)
         self.model, manifest = load_backbone(ArtifactLayout(self.artifacts))
-        self.model.eval()
+        self.device = torch.device(device)  # LitServe's: "cpu", or "cuda:0" with accelerator "cuda"
+        self.model.to(self.device).eval()
         self.labels = manifest.labels
         self.decoder = ImageDecoder(manifest.preprocess, 4096 * 4096, 8192, 16.0)
         self.sizes: list[int] = []
@@ -98,7 +99,7 @@ class PlainBackbone(ls.LitAPI):
 
     def predict(self, x):
         with torch.inference_mode():
-            return torch.softmax(self.model(x), dim=1)
+            return torch.softmax(self.model(x.to(self.device)), dim=1).cpu()
 
     def unbatch(self, output):
         return list(output.split(self.sizes))
@@ -117,24 +118,30 @@ class PlainBackbone(ls.LitAPI):
         return results[0] if len(results) == 1 else {"results": results}
 
 
-def run_litserve(artifacts: Path, port: int, max_batch_requests: int, batch_timeout: float, threads: int) -> None:
-    """Runs in its own process (``--serve-litserve``): one API server, one inference worker."""
+def run_litserve(
+    artifacts: Path, port: int, max_batch_requests: int, batch_timeout: float, threads: int, device: str
+) -> None:
+    """Runs in its own process (``--serve-litserve``): one API server, one inference worker, on
+    ``device``'s kind (one GPU, as this service uses one)."""
     api = PlainBackbone(artifacts, threads, max_batch_size=max_batch_requests, batch_timeout=batch_timeout)
-    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=30)
+    accelerator = torch.device(device).type
+    server = ls.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=30)
     server.run(host="127.0.0.1", port=port, num_api_servers=1, generate_client_file=False, log_level="warning")
 
 
 class LitServeProcess:
     """``--serve-litserve`` in a session of its own: LitServe forks workers, the group is stopped."""
 
-    def __init__(self, artifacts: Path, log_path: Path, max_batch_requests: int, batch_timeout: float, threads: int):
+    def __init__(
+        self, artifacts: Path, log_path: Path, max_batch_requests: int, batch_timeout: float, threads: int, device: str
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.command = [
             sys.executable, __file__, "--serve-litserve", str(self.port), "--artifacts", str(artifacts),
             "--litserve-batch-requests", str(max_batch_requests), "--litserve-batch-timeout", str(batch_timeout),
-            "--torch-threads", str(threads),
+            "--torch-threads", str(threads), "--device", device,
         ]  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -188,11 +195,14 @@ def main(
     litserve_batch_timeout: float = typer.Option(
         0.005, help="LitServe's wait to fill a batch; 0 makes its worker poll its queue without sleeping"
     ),
+    device: str = typer.Option(
+        os.environ.get("DYCE_DEVICE", "cpu"), help="where both servers run the model: cpu, or cuda on a GPU host"
+    ),
     serve_litserve: int = typer.Option(0, hidden=True),
     litserve_batch_requests: int = typer.Option(0, hidden=True),
 ) -> None:
     if serve_litserve:
-        run_litserve(artifacts, serve_litserve, litserve_batch_requests, litserve_batch_timeout, torch_threads)
+        run_litserve(artifacts, serve_litserve, litserve_batch_requests, litserve_batch_timeout, torch_threads, device)
         return
     if shutil.which("hey") is None:
         console.print("this bench drives both servers with `hey`: apt-get install hey")
@@ -219,10 +229,11 @@ def main(
     for per_request, bodies, suffix in ((1, single, "1img"), (images, batched, f"{images}img")):
         batch_requests = max(1, max_batch_size // per_request)
         log = OUT / f"peers-litserve-{suffix}.log"
-        with LitServeProcess(artifacts, log, batch_requests, litserve_batch_timeout, torch_threads) as litserve:
+        with LitServeProcess(artifacts, log, batch_requests, litserve_batch_timeout, torch_threads, device) as litserve:
             phase(f"litserve_{suffix}", f"{litserve.url}/predict", bodies, per_request)
 
-    with measured_server(artifacts, OUT / "peers-server.log", torch_threads, max_batch_size, http_workers) as server:
+    server_log = OUT / "peers-server.log"
+    with measured_server(artifacts, server_log, torch_threads, max_batch_size, http_workers, device) as server:
         for tier, index in (("top", top), ("drop", drop)):
             server.pin(index)
             phase(f"{tier}_1img", f"{server.url}/v1/classify", single, 1)
@@ -259,6 +270,7 @@ def main(
         "max_batch_size": max_batch_size,
         "torch_threads": torch_threads,
         "http_workers": http_workers,
+        "device": device,
         "litserve_batch_timeout_s": litserve_batch_timeout,
         "host": host,
         "artifacts": str(artifacts),

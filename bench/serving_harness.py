@@ -117,12 +117,19 @@ TORCH_THREADS = typer.Option(1, help="intra-op threads, in every process that ru
 
 
 def measured_server(
-    artifacts: Path, log_path: Path, torch_threads: int, max_batch_size: int, http_workers: int = 0
+    artifacts: Path,
+    log_path: Path,
+    torch_threads: int,
+    max_batch_size: int,
+    http_workers: int = 0,
+    device: str | None = None,
 ) -> ServerProcess:
     """``dyce-serve`` as the throughput benches run it: tiers pinned by hand, a deep queue, and a
     latency objective no closed loop reaches, so it measures serving, not admission (which
-    applies to pinned tiers too)."""
+    applies to pinned tiers too). ``device``: ``DYCE_DEVICE`` (None: the environment's, else cpu)."""
     settings = {"autoswitch": "manual", "queue_capacity": 4096, "slo_p95_ms": 60_000, "http_workers": http_workers}
+    if device is not None:
+        settings["device"] = device
     return ServerProcess(artifacts, log_path, torch_threads=torch_threads, max_batch_size=max_batch_size, **settings)
 
 
