@@ -230,11 +230,15 @@ def main(
     images_per_request: int = typer.Option(32, help="few, big requests keep the Python generator on schedule"),
     max_batch_size: int = typer.Option(32),
     capacity_seconds: float = typer.Option(6.0, help="closed-loop saturation used to measure capacity"),
+    capacity: float = typer.Option(
+        0.0, help="images/s the schedule multiplies, to offer two servers the same load; 0 = measure it"
+    ),
     full_model_seconds: float = typer.Option(8.0, help="pinned top tier at the overload rate"),
     torch_threads: int = typer.Option(1, help="intra-op threads of the server (the load generator needs a core)"),
     seed: int = typer.Option(0),
 ) -> None:
     steps = [(float(r), float(s)) for r, s in (part.split(":") for part in schedule.split(","))]
+    given_capacity = capacity
     bank = load_bank(artifacts)
     top = bank.most_accurate()
     runtime = ModelRuntime(Settings(artifacts_dir=artifacts, admin_token="bench-" + "x" * 20))
@@ -250,11 +254,12 @@ def main(
     )
     with server:
         server.pin(top)
-        console.print(f"[bold]capacity[/]: top tier {top} pinned, closed loop for {capacity_seconds:g} s")
         served_load(server.url, bodies, images_per_request, 16, 2.0, clients_per_hey=4)  # warm
-        capacity = served_load(server.url, bodies, images_per_request, 16, capacity_seconds, clients_per_hey=4)[
-            "images_per_s"
-        ]
+        if not capacity:
+            console.print(f"[bold]capacity[/]: top tier {top} pinned, closed loop for {capacity_seconds:g} s")
+            capacity = served_load(server.url, bodies, images_per_request, 16, capacity_seconds, clients_per_hey=4)[
+                "images_per_s"
+            ]
         overload = max(rate for rate, _ in steps)
         console.print(f"capacity {capacity:.0f} images/s; [bold]full model alone[/] at {overload:g}x")
         alone = asyncio.run(
@@ -300,6 +305,7 @@ def main(
         "max_switches_per_5s_steady": figures["max_switches_per_5s_steady"],
         "slo_ms": slo_ms,
         "capacity_images_per_s": capacity,
+        "capacity_measured": given_capacity == 0,
         "images_per_request": images_per_request,
         "generator_lag_p99_ms": float(np.percentile(lag, 99) * 1e3) if lag.size else None,
         "steps": figures["steps"],
