@@ -62,23 +62,27 @@ class TorchBackend:
         self.exit_modules: list[list[nn.Module]] = [list(candidates) for candidates in self.exits.candidates]
         self.rewrites: list[SegmentRewrite] = []
         self.exit_rewrites: dict[tuple[int, int], SegmentRewrite] = {}
-        if rewrite:
-            x = torch.zeros(1, *backbone.input_spec.shape, device=device)
-            # no_grad, not inference_mode: inference tensors as weights would refuse later in-place
-            # updates and any call with grad enabled.
-            with torch.no_grad():
-                for n, segment in enumerate(backbone.segments):
+        # One dummy pass through the segments gives each position's output shape and, when
+        # rewriting, the example input each rewrite is traced and checked on.
+        x = torch.zeros(1, *backbone.input_spec.shape, device=device, dtype=next(backbone.parameters()).dtype)
+        shapes: list[tuple[int, ...]] = []
+        # no_grad, not inference_mode: inference tensors as weights would refuse later in-place
+        # updates and any call with grad enabled.
+        with torch.no_grad():
+            for n, segment in enumerate(backbone.segments):
+                if rewrite:
                     rewritten, done = rewrite_segment(segment, x)
                     self.segments[n] = rewritten.to(memory_format=self.memory_format).requires_grad_(False)
                     self.rewrites.append(done)
-                    x = segment(x)
-                    for k, module in enumerate(self.exit_modules[n], start=1):
-                        # A saver (a small CNN on the raw image, run on every request) has batch
-                        # norms to fold; pooled-MLP exits have nothing to rewrite and stay uncopied.
-                        if any(isinstance(m, REWRITABLE) for m in module.modules()):
-                            rewritten, done = rewrite_segment(module, x)
-                            self.exit_modules[n][k - 1] = rewritten.requires_grad_(False)
-                            self.exit_rewrites[(n, k)] = done
+                x = segment(x)
+                shapes.append(tuple(x.shape[1:]))
+                for k, module in enumerate(self.exit_modules[n], start=1):
+                    # A saver (a small CNN on the raw image, run on every request) has batch norms
+                    # to fold; pooled-MLP exits have nothing to rewrite and stay uncopied.
+                    if rewrite and any(isinstance(m, REWRITABLE) for m in module.modules()):
+                        rewritten, done = rewrite_segment(module, x)
+                        self.exit_modules[n][k - 1] = rewritten.requires_grad_(False)
+                        self.exit_rewrites[(n, k)] = done
         # What each segment's weights and input are laid out as, and below how many rows a batch
         # runs one row per call (0: never); ``tune_segments`` sets both per segment.
         self.memory_formats = [self.memory_format] * backbone.num_positions
@@ -89,7 +93,7 @@ class TorchBackend:
         # run in micro-batches whose output fits ``cache_bytes``; GPUs want whole batches.
         self.rows_per_call = [None] * backbone.num_positions
         if device.type == "cpu" and cache_bytes:
-            for n, shape in enumerate(backbone.position_shapes()):
+            for n, shape in enumerate(shapes):
                 self.rows_per_call[n] = max(1, cache_bytes // (4 * math.prod(shape)))
 
     @property
