@@ -11,19 +11,25 @@ worker is replaced; SIGTERM ends everything with status 0 and leaves no metric f
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import signal
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import torch
+import tritonclient.http as triton_http
 
 from service import Settings
 from service.edge.decode import ImageDecoder
 from service.engine.model import ModelRuntime
+from service.engine.remote import _frame, _pack, _unpack
 from service.multiprocess import prepare_run_dir
 from tests.conftest import ADMIN_TOKEN, DyceServeProcess, worker_processes
 
@@ -90,6 +96,47 @@ def test_a_switch_holds_for_every_worker_and_answers_equal_the_model_run_by_hand
         for _ in range(2 * WORKERS):
             active = httpx.get(f"{server.url}/admin/active", headers=admin, timeout=30).json()
             assert active["tier"]["bank_index"] == index and active["mode"] == "manual"
+
+
+def test_a_batch_crosses_the_channel_row_for_row(server, reference, fmnist_pngs):
+    """Eight images in one Open Inference Protocol request, through a worker and the engine: every
+    row's probabilities, exit position and cost equal the plain model run by hand on the batch."""
+    runtime, decoder = reference
+    bank = runtime.initial_bank
+    batch = torch.stack([decoder(png) for png in fmnist_pngs[:8]])
+    # A tier at which these images leave at several positions, so rows are answered apart.
+    index = next(i for i in bank.frontier() if len(set(runtime.run(batch, bank.entries[i].config).exit_positions)) > 1)
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    assert httpx.post(f"{server.url}/admin/active", json={"index": index}, headers=admin, timeout=30).is_success
+    client = triton_http.InferenceServerClient(url=server.url.removeprefix("http://"))
+    try:
+        fp32 = triton_http.InferInput("input", list(batch.shape), "FP32")
+        fp32.set_data_from_numpy(batch.numpy(), binary_data=True)
+        result = client.infer("dyce", [fp32])
+    finally:
+        client.close()
+    expected = runtime.run(batch, bank.entries[index].config)
+    positions = result.as_numpy("exit_position")
+    np.testing.assert_array_equal(positions, np.asarray(expected.exit_positions))
+    np.testing.assert_allclose(result.as_numpy("probabilities"), expected.probabilities.numpy(), atol=1e-5)
+    costs = bank.macs.path_costs(bank.entries[index].config)
+    np.testing.assert_allclose(result.as_numpy("relative_macs"), costs[positions], rtol=1e-6)
+
+
+def test_arrays_cross_the_channel_as_their_bytes():
+    """The channel's array codec, through the pickle a frame carries: values, dtype and shape come
+    back as sent, from any layout, and writable (``torch.from_numpy`` takes them without a copy)."""
+    grid = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    arrays = [grid[:, ::2, :, 1:], np.asfortranarray(grid[0]), np.array([3, -1, 7]), np.zeros((0, 10)), np.float64(2.5)]
+    for array in arrays:
+        frame = _frame(("answer", 1, _pack(array)))
+        back = _unpack(pickle.loads(frame[4:])[2])
+        assert back.dtype == array.dtype and back.shape == np.shape(array)
+        np.testing.assert_array_equal(back, array)
+        assert back.flags.writeable
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch.from_numpy(back)
 
 
 def test_metrics_count_every_request_whichever_worker_answered(server, fmnist_pngs):
