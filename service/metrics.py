@@ -39,6 +39,26 @@ SWITCH_REASONS = tuple(r for r in get_args(SwitchReason) if r != "startup")
 RELATIVE_MACS_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21)) + (1.5,)
 
 
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for every value, with one update per bucket instead of per value.
+
+    A pipeline step's bookkeeping observed every job's queue wait and every image's cost one by
+    one, on the event loop every request shares: 140 us a step for 32 one-image requests, 200 us
+    with multi-process metrics, where each update is a locked write to a memory-mapped file. This
+    adds the same counts to the same bucket values ``observe`` updates (a value lands in the first
+    bucket whose bound it does not exceed); NaN lands in none, as in ``observe``.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return
+    bounds = histogram._upper_bounds
+    buckets = np.searchsorted(bounds, values, side="left")
+    counts = np.bincount(buckets[buckets < len(bounds)], minlength=len(bounds))
+    histogram._sum.inc(float(values.sum()))
+    for bucket in np.flatnonzero(counts):
+        histogram._buckets[bucket].inc(int(counts[bucket]))
+
+
 def multiprocess() -> bool:
     """Whether samples go to the shared directory (decided before prometheus-client was imported)."""
     return "PROMETHEUS_MULTIPROC_DIR" in os.environ
@@ -49,6 +69,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.multiprocess = multiprocess()
         self._queue_depth: Callable[[], int] | None = None
+        self._exits_by_position: dict[int, Counter] = {}  # children of ``exits``, by position
+        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}  # routes x statuses
         r = self.registry
         self.requests = Counter("dyce_requests", "HTTP requests answered", ["route", "status"], registry=r)
         self.request_duration = Histogram(
@@ -103,8 +125,10 @@ class Metrics:
     def model_loaded(self, num_positions: int, saver_stage: bool = False) -> None:
         """Start every exit position and switch reason at 0: a series born with its first
         increment has no earlier sample, so Prometheus's rate() and increase() miss that step."""
-        for position in range(-1 if saver_stage else 0, num_positions):
-            self.exits.labels(position=position_label(position))
+        self._exits_by_position = {
+            position: self.exits.labels(position=position_label(position))
+            for position in range(-1 if saver_stage else 0, num_positions)
+        }
         for reason in SWITCH_REASONS:
             self.switches.labels(reason=reason)
 
@@ -139,15 +163,28 @@ class Metrics:
         if report.admitted:
             self.batch_size.observe(report.admitted)
         self.inference_duration.observe(report.inference_s)
-        for wait in report.queue_waits_s:
-            self.queue_duration.observe(wait)
-        for position, count in zip(*np.unique(report.exit_positions, return_counts=True), strict=True):
-            self.exits.labels(position=position_label(int(position))).inc(int(count))
-        for value in report.relative_macs:
-            self.relative_macs.observe(float(value))
+        observe_many(self.queue_duration, report.queue_waits_s)
+        if report.exit_positions.size:
+            counts = np.bincount(report.exit_positions + 1)  # positions start at -1 (a saver)
+            for position in np.flatnonzero(counts) - 1:
+                self._exit_counter(int(position)).inc(int(counts[position + 1]))
+        observe_many(self.relative_macs, report.relative_macs)
+
+    def _exit_counter(self, position: int) -> Counter:
+        counter = self._exits_by_position.get(position)
+        if counter is None:  # a bank loaded later may have more positions
+            counter = self._exits_by_position[position] = self.exits.labels(position=position_label(position))
+        return counter
 
     def request_done(self, route: str, status: int, seconds: float, reason: str | None) -> None:
-        self.requests.labels(route=route, status=str(status)).inc()
-        self.request_duration.labels(route=route).observe(seconds)
+        children = self._request_children.get((route, status))
+        if children is None:  # labels() validates its arguments on every call: ~40 % of this
+            children = (
+                self.requests.labels(route=route, status=str(status)),
+                self.request_duration.labels(route=route),
+            )
+            self._request_children[(route, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
         if reason is not None:
             self.rejections.labels(reason=reason).inc()

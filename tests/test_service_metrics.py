@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import httpx
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.engine.batcher import BatchReport
+from service.metrics import LATENCY_BUCKETS, RELATIVE_MACS_BUCKETS, Metrics, observe_many
 from tests.conftest import metric_sum, scrape
 
 EXPECTED = {
@@ -69,3 +74,55 @@ def test_counters_follow_the_answers(live_server, client, fmnist_pngs):
     routes = {dict(labels)["route"] for (name, labels) in after if name == "dyce_requests_total"}
     assert "/v2/models/{name}/infer" in routes and "/v2/models/dyce/infer" not in routes
     assert all(route == "unmatched" or ("?" not in route and route.startswith("/")) for route in routes)
+
+
+def _histogram_samples(registry: CollectorRegistry) -> tuple[dict[str, float], float]:
+    """Bucket and count samples (exact), and the sum (added in another order: to the last bit)."""
+    samples = {
+        s.name + s.labels.get("le", ""): s.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+        if not s.name.endswith("_created")
+    }
+    return samples, samples.pop("h_sum")
+
+
+def test_observing_many_values_at_once_equals_observing_them_one_by_one():
+    """``observe_many`` against prometheus-client's own ``observe``, value by value: values on a
+    bucket's bound, between bounds, past the last finite one, zero, and an empty batch."""
+    rng = np.random.default_rng(0)
+    for buckets in (LATENCY_BUCKETS, RELATIVE_MACS_BUCKETS):
+        values = np.concatenate([buckets, rng.lognormal(-5, 3, 500), [0.0, 1e9, buckets[-1] * 1.0001]])
+        one_by_one, at_once = CollectorRegistry(), CollectorRegistry()
+        reference = Histogram("h", "h", buckets=buckets, registry=one_by_one)
+        bulk = Histogram("h", "h", buckets=buckets, registry=at_once)
+        for value in values:
+            reference.observe(float(value))
+        observe_many(bulk, values[:300])
+        observe_many(bulk, np.array([]))
+        observe_many(bulk, values[300:])
+        counts, total = _histogram_samples(at_once)
+        expected_counts, expected_total = _histogram_samples(one_by_one)
+        assert counts == expected_counts
+        assert total == pytest.approx(expected_total, rel=1e-12)
+
+
+def test_a_step_counts_each_exit_position_and_cost_by_hand():
+    metrics = Metrics()
+    metrics.model_loaded(num_positions=4, saver_stage=True)
+    positions = np.array([-1, 2, -1, 3, 2, -1])
+    costs = np.array([0.05, 0.6, 0.05, 1.0, 0.6, 0.05])
+    report = BatchReport(6, 6, 0.01, [0.001, 0.002], [0.01, 0.02], frozenset(), 0, positions, costs)
+    metrics.batch_done(report)
+    metrics.batch_done(report)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for s in family.samples
+    }
+    exits = {labels[0][1]: value for (name, labels), value in samples.items() if name == "dyce_exits_total"}
+    assert exits == {"saver": 6.0, "0": 0.0, "1": 0.0, "2": 4.0, "3": 2.0}
+    assert samples[("dyce_relative_macs_count", ())] == 12
+    assert samples[("dyce_relative_macs_sum", ())] == pytest.approx(2 * (3 * 0.05 + 2 * 0.6 + 1.0))
+    assert samples[("dyce_relative_macs_bucket", (("le", "0.05"),))] == 6
+    assert samples[("dyce_queue_duration_seconds_count", ())] == 4
