@@ -39,18 +39,25 @@ SWITCH_REASONS = tuple(r for r in get_args(SwitchReason) if r != "startup")
 RELATIVE_MACS_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21)) + (1.5,)
 
 
-def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+OBSERVE_MANY_FROM = 8
+
+
+def observe_many(histogram: Histogram, values: np.ndarray | list[float]) -> None:
     """``histogram.observe(v)`` for every value, with one update per bucket instead of per value.
 
     A pipeline step's bookkeeping observed every job's queue wait and every image's cost one by
     one, on the event loop every request shares: 140 us a step for 32 one-image requests, 200 us
     with multi-process metrics, where each update is a locked write to a memory-mapped file. This
     adds the same counts to the same bucket values ``observe`` updates (a value lands in the first
-    bucket whose bound it does not exceed); NaN lands in none, as in ``observe``.
+    bucket whose bound it does not exceed); NaN lands in none, as in ``observe``. Below
+    ``OBSERVE_MANY_FROM`` values, numpy's fixed cost is more than it saves: those are observed one
+    by one (1 value: 2.6 us against 12 us, 8 values: even, 32 values: 55 against 20 us).
     """
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
+    if len(values) < OBSERVE_MANY_FROM:
+        for value in values:
+            histogram.observe(float(value))
         return
+    values = np.asarray(values, dtype=np.float64)
     bounds = histogram._upper_bounds
     buckets = np.searchsorted(bounds, values, side="left")
     counts = np.bincount(buckets[buckets < len(bounds)], minlength=len(bounds))

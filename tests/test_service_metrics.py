@@ -89,7 +89,7 @@ def _histogram_samples(registry: CollectorRegistry) -> tuple[dict[str, float], f
 
 def test_observing_many_values_at_once_equals_observing_them_one_by_one():
     """``observe_many`` against prometheus-client's own ``observe``, value by value: values on a
-    bucket's bound, between bounds, past the last finite one, zero, and an empty batch."""
+    bucket's bound, between bounds, past the last finite one, zero; large, small and empty batches."""
     rng = np.random.default_rng(0)
     for buckets in (LATENCY_BUCKETS, RELATIVE_MACS_BUCKETS):
         values = np.concatenate([buckets, rng.lognormal(-5, 3, 500), [0.0, 1e9, buckets[-1] * 1.0001]])
@@ -98,9 +98,9 @@ def test_observing_many_values_at_once_equals_observing_them_one_by_one():
         bulk = Histogram("h", "h", buckets=buckets, registry=at_once)
         for value in values:
             reference.observe(float(value))
-        observe_many(bulk, values[:300])
-        observe_many(bulk, np.array([]))
-        observe_many(bulk, values[300:])
+        # Chunks above and below the size where observe_many starts counting buckets in bulk.
+        for chunk in np.split(values, [300, 300, 303, 304, 310]):
+            observe_many(bulk, chunk)
         counts, total = _histogram_samples(at_once)
         expected_counts, expected_total = _histogram_samples(one_by_one)
         assert counts == expected_counts
