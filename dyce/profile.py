@@ -53,6 +53,10 @@ class Where(BaseModel):
     # The torch backend's segments (and any saver) ran rewritten (dyce.segment_rewrites), which
     # changes their time; None: no such rewrites (ONNX Runtime), or profiled before they existed.
     segment_rewrites: bool | None = None
+    # The torch backend's layout setting (``DYCE_MEMORY_FORMAT``): "auto" tunes each segment's
+    # layout and row grouping on the machine, a fixed layout can run 1.3-5x slower per segment;
+    # None: not the torch backend, or profiled before this was recorded.
+    memory_format: str | None = None
 
     def differences(self, other: Where) -> list[str]:
         return [

@@ -54,6 +54,7 @@ def profile(
         host=host_name(device),
         threads=torch.get_num_threads(),
         segment_rewrites=runner.rewritten,
+        memory_format="auto",  # tuned above, as dyce-serve tunes by default
     )
     buckets = default_buckets(max_batch)
     with Progress(transient=True) as bar:

@@ -109,7 +109,7 @@ class CostInfo(BaseModel):
     """What the bank's search traded accuracy against, and whether that holds on this server."""
 
     kind: str = Field(description="macs (exact anywhere) or latency (measured where `where` says)")
-    where: dict[str, str | int] | None = None
+    where: dict[str, str | bool | int | None] | None = None  # None: not recorded by an older profile
     batch: int | None = None
     profiled_elsewhere: list[str] = Field(
         default_factory=list, description="how the profiled set-up differs from this server's"

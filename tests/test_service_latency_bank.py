@@ -18,10 +18,16 @@ H100 = {
     "host": "NVIDIA H100 80GB HBM3",
     "threads": 16,
     "segment_rewrites": True,
+    "memory_format": "auto",
 }
 
 
-def test_a_bank_profiled_elsewhere_is_served_and_says_so(core_demo_artifacts, tmp_path, caplog):
+# A profile written before the rewrites and the layout setting were recorded.
+H100_OLDER = {key: value for key, value in H100.items() if key not in ("segment_rewrites", "memory_format")}
+
+
+@pytest.mark.parametrize("where", [H100, H100_OLDER], ids=["current", "older"])
+def test_a_bank_profiled_elsewhere_is_served_and_says_so(core_demo_artifacts, tmp_path, caplog, where):
     root = tmp_path / "artifacts"
     shutil.copytree(core_demo_artifacts, root)
     bank = json.loads((root / "bank.json").read_text())
@@ -29,14 +35,17 @@ def test_a_bank_profiled_elsewhere_is_served_and_says_so(core_demo_artifacts, tm
     latencies = [0.9 - 0.1 * i for i in range(len(bank["entries"]))]
     for entry, latency in zip(bank["entries"], latencies, strict=True):
         entry["search"]["relative_latency"] = latency
-    bank["cost"] = {"kind": "latency", "where": H100, "batch": 32, "table": bank["macs"]}
+    bank["cost"] = {"kind": "latency", "where": where, "batch": 32, "table": bank["macs"]}
     (root / "bank.json").write_text(json.dumps(bank))
     served = Bank.load(root / "bank.json")
     with caplog.at_level("WARNING", logger="dyce.service"), LiveServer(service_settings(root)) as server:
         info = httpx.get(f"{server.url}/admin/bank", headers=server.admin(), timeout=30).json()
-        assert info["cost"]["kind"] == "latency" and info["cost"]["where"] == H100 and info["cost"]["batch"] == 32
+        assert info["cost"]["kind"] == "latency" and info["cost"]["batch"] == 32
+        assert info["cost"]["where"] == {"segment_rewrites": None, "memory_format": None} | where
         differing = {d.split()[0] for d in info["cost"]["profiled_elsewhere"]}
         assert {"device_type", "host"} <= differing
+        # What an older profile did not record cannot be taken as this server's set-up.
+        assert ({"segment_rewrites", "memory_format"} <= differing) == (where is H100_OLDER)
         assert [e["expected_relative_latency"] for e in info["entries"]] == pytest.approx(latencies)
         assert any("costed on measured time of another set-up" in r.getMessage() for r in caplog.records)
         # The prior of each frontier tier is the plain model's cost times the tier's relative time.
@@ -48,23 +57,38 @@ def test_a_bank_profiled_elsewhere_is_served_and_says_so(core_demo_artifacts, tm
             assert ratio == pytest.approx(entry.search.relative_latency / first.search.relative_latency)
 
 
-@pytest.mark.parametrize("rewrite_segments", [True, False])
-def test_a_bank_profiled_on_rewritten_segments_warns_a_server_that_runs_them_as_loaded(
-    core_demo_artifacts, rewrite_segments
+@pytest.mark.parametrize(
+    ("rewrite_segments", "memory_format", "differences"),
+    [
+        (True, "auto", []),
+        (False, "auto", ["segment_rewrites True vs False"]),
+        (True, "contiguous", ["memory_format 'auto' vs 'contiguous'"]),
+    ],
+)
+def test_a_bank_profiled_as_dyce_serve_runs_by_default_warns_a_server_that_runs_otherwise(
+    core_demo_artifacts, rewrite_segments, memory_format, differences
 ):
-    """`dyce-offline profile` times rewritten segments; served without rewrites, those times are
-    another set-up's, and the one difference named is that."""
+    """`dyce-offline profile` times rewritten segments in layouts tuned on the machine; served
+    without rewrites, or in one fixed layout, those times are another set-up's, and the one
+    difference named is that."""
     import torch
 
     from dyce.bank import CostBasis
     from dyce.profile import Where, host_name
     from service.engine.model import ModelRuntime
 
-    runtime = ModelRuntime(service_settings(core_demo_artifacts, rewrite_segments=rewrite_segments))
+    settings = service_settings(core_demo_artifacts, rewrite_segments=rewrite_segments, memory_format=memory_format)
+    runtime = ModelRuntime(settings)
     bank = runtime.initial_bank
-    here = Where(device_type="cpu", backend="torch", host=host_name("cpu"), threads=torch.get_num_threads())
-    profiled = bank.model_copy(
-        update={"cost": CostBasis(kind="latency", where=here.model_copy(update={"segment_rewrites": True}), batch=32)}
+    # What offline/profile.py records on this machine.
+    profiled_here = Where(
+        device_type="cpu",
+        backend="torch",
+        host=host_name("cpu"),
+        threads=torch.get_num_threads(),
+        segment_rewrites=True,
+        memory_format="auto",
     )
+    profiled = bank.model_copy(update={"cost": CostBasis(kind="latency", where=profiled_here, batch=32)})
 
-    assert runtime.costed_elsewhere(profiled) == ([] if rewrite_segments else ["segment_rewrites True vs False"])
+    assert runtime.costed_elsewhere(profiled) == differences

@@ -102,6 +102,7 @@ class ModelRuntime:
             host=host_name(settings.device),
             threads=torch.get_num_threads(),
             segment_rewrites=backend.rewritten if isinstance(backend, TorchBackend) else None,
+            memory_format=settings.memory_format if isinstance(backend, TorchBackend) else None,
         )
         self.warn_if_costed_elsewhere(bank)
         self.initial_bank = bank
