@@ -132,10 +132,8 @@ class Metrics:
     def model_loaded(self, num_positions: int, saver_stage: bool = False) -> None:
         """Start every exit position and switch reason at 0: a series born with its first
         increment has no earlier sample, so Prometheus's rate() and increase() miss that step."""
-        self._exits_by_position = {
-            position: self.exits.labels(position=position_label(position))
-            for position in range(-1 if saver_stage else 0, num_positions)
-        }
+        for position in range(-1 if saver_stage else 0, num_positions):
+            self._exit_counter(position)
         for reason in SWITCH_REASONS:
             self.switches.labels(reason=reason)
 
@@ -179,7 +177,7 @@ class Metrics:
 
     def _exit_counter(self, position: int) -> Counter:
         counter = self._exits_by_position.get(position)
-        if counter is None:  # a bank loaded later may have more positions
+        if counter is None:  # started by model_loaded, or a position a later bank added
             counter = self._exits_by_position[position] = self.exits.labels(position=position_label(position))
         return counter
 
