@@ -1,7 +1,8 @@
 """The request path made cheaper (#13) still answers as it did.
 
 - the decoder calls torchvision's kernels directly: its tensors equal the backbone's own
-  transform (``PreprocessSpec.transform()``, the definition) bit for bit, for every image mode;
+  transform (``PreprocessSpec.transform()``, the definition) bit for bit, for every image mode,
+  alone and in a batch of mixed modes and sizes;
 - the hot routes are answered by the edge's fast path when the request has no query string, and
   by FastAPI's routing otherwise: both give the same answer, the same error shape, and are counted
   under the route's template;
@@ -28,6 +29,7 @@ from dyce.preprocess import FASHION_MNIST, IMAGENET
 from service.edge.decode import ImageDecoder
 from service.edge.protocol import _HeadWithBody
 from service.engine.model import ModelRuntime
+from service.errors import BadRequest
 from tests.conftest import metric_sum, scrape, service_settings
 
 PNG = {"content-type": "image/png"}
@@ -51,6 +53,34 @@ def test_decoder_matches_the_backbone_transform_bit_for_bit(spec, mode):
         assert got.dtype == expected.dtype == torch.float32
         assert got.shape == expected.shape == (spec.channels, spec.crop, spec.crop)
         assert torch.equal(got, expected), (mode, width, height)
+
+
+@pytest.mark.parametrize("spec", [FASHION_MNIST, IMAGENET], ids=["fmnist", "imagenet"])
+def test_a_batch_of_mixed_images_equals_each_image_through_the_backbone_transform(spec):
+    """Rows of every mode and size, some that skip resize and crop (fmnist at 28x28) and some
+    that need them, decoded together: each row is its own image's transform, bit for bit."""
+    decoder = ImageDecoder(spec, max_pixels=1 << 30, max_side=10_000, max_aspect_ratio=16)
+    reference = spec.transform()
+    rng = np.random.default_rng(7)
+    blobs = []
+    for mode in MODES:
+        for width, height in SIZES:
+            image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            blobs.append(buffer.getvalue())
+    order = rng.permutation(len(blobs))
+    blobs = [blobs[i] for i in order]
+    got = decoder.batch([decoder.open(blob) for blob in blobs])
+    expected = torch.stack([reference(Image.open(io.BytesIO(blob))) for blob in blobs])
+    assert got.shape == (len(blobs), spec.channels, spec.crop, spec.crop)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.equal(got, expected)
+    # one bad image fails the whole batch with the 4xx an image alone gets
+    truncated = blobs[0][: len(blobs[0]) // 2]
+    opened = [decoder.open(blobs[1]), decoder.open(truncated)]  # the header is whole
+    with pytest.raises(BadRequest, match="truncated or corrupt"):
+        decoder.batch(opened)
 
 
 def _comparable(answer: dict) -> dict:

@@ -57,9 +57,8 @@ class Gateway:
         decoder = self.decoder
         images = [decoder.open(blob) for blob in blobs]  # headers only: checks limits, cheap
         if sum(pixels(image) for image in images) <= INLINE_DECODE_PIXELS:
-            return torch.stack([decoder.tensor(image) for image in images])
-        loop = asyncio.get_running_loop()
-        return torch.stack(await loop.run_in_executor(self._decode_pool, lambda: [decoder.tensor(i) for i in images]))
+            return decoder.batch(images)
+        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, decoder.batch, images)
 
     async def classify(self, request: Request, ticket: Any, images: torch.Tensor, arrived: float) -> Served:
         """Hand admitted ``images`` to the engine and wait for the answer, the deadline or a disconnect."""
