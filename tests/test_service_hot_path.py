@@ -37,6 +37,13 @@ MODES = ["L", "RGB", "RGBA", "P", "LA", "I;16", "1"]
 SIZES = [(28, 28), (300, 200), (17, 40), (224, 224), (257, 256)]
 
 
+def _random_png(rng: np.random.Generator, mode: str, width: int, height: int) -> bytes:
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize("spec", [FASHION_MNIST, IMAGENET], ids=["fmnist", "imagenet"])
 @pytest.mark.parametrize("mode", MODES)
 def test_decoder_matches_the_backbone_transform_bit_for_bit(spec, mode):
@@ -44,10 +51,7 @@ def test_decoder_matches_the_backbone_transform_bit_for_bit(spec, mode):
     reference = spec.transform()
     rng = np.random.default_rng(13)
     for width, height in SIZES:
-        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        data = buffer.getvalue()
+        data = _random_png(rng, mode, width, height)
         expected = reference(Image.open(io.BytesIO(data)))
         got = decoder(data)
         assert got.dtype == expected.dtype == torch.float32
@@ -62,13 +66,7 @@ def test_a_batch_of_mixed_images_equals_each_image_through_the_backbone_transfor
     decoder = ImageDecoder(spec, max_pixels=1 << 30, max_side=10_000, max_aspect_ratio=16)
     reference = spec.transform()
     rng = np.random.default_rng(7)
-    blobs = []
-    for mode in MODES:
-        for width, height in SIZES:
-            image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            blobs.append(buffer.getvalue())
+    blobs = [_random_png(rng, mode, width, height) for mode in MODES for width, height in SIZES]
     order = rng.permutation(len(blobs))
     blobs = [blobs[i] for i in order]
     got = decoder.batch([decoder.open(blob) for blob in blobs])
