@@ -15,17 +15,26 @@ admin API, with real Fashion-MNIST PNGs:
   bare executor (``run`` on batches of the server's max batch size) and the in-process
   continuous-batching pipeline that the server drives.
 
+Where the served gain goes: ``engine_closed_loop`` drives the server's own batcher in this
+process with the same clients and images and nothing else (no HTTP, no channel, no load
+generator sharing the CPU); and during each served load phase ``CpuMeter`` splits the CPU
+spent per request between the server's main thread, its other threads (the engine's inference
+thread), its child processes (the HTTP workers) and the rest of the machine (the load
+generator), with how many cores were busy: a bottleneck shows as a part near one core.
+
 served gain = throughput(drop tier) / throughput(top tier) under load, the median over
 ``--rounds`` rounds that alternate the tiers (each round's own ratio, so a drift of a noisy
 host's speed cancels); predicted gain = the bank's expected relative MACs, top / drop. Last
 line: JSON with ``overhead_p50_ms`` and ``served_over_predicted_gain`` (and the rest of the
-figures, with each round's in ``*_runs``).
+figures, with each round's in ``*_runs``; ``engine_closed_loop_over_predicted_gain`` and
+``served_over_engine_closed_loop_gain`` split the second into the engine's part and the edge's).
 
 Run: python bench/serve.py [--artifacts artifacts] [--max-drop 0.005] [--seconds 6]
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -45,6 +54,7 @@ from serving_harness import (
     MAX_DROP,
     TORCH_THREADS,
     Body,
+    CpuMeter,
     drop_tier,
     fashion_mnist_pngs,
     hey,
@@ -55,13 +65,17 @@ from serving_harness import (
     percentile_ms,
 )
 
+from dyce.bank import Bank
 from dyce.pipeline import EarlyExitPipeline
 from service.edge.decode import ImageDecoder
+from service.engine.batcher import DynamicBatcher
 from service.engine.model import ModelRuntime
+from service.engine.tiers import Tier
 from service.settings import Settings
 
 console = Console(stderr=True)
 OUT = Path(__file__).parent / "out"
+CPU_PARTS = ("server_main_thread", "server_other_threads", "server_children", "rest_of_machine")
 
 
 @functools.cache
@@ -106,6 +120,59 @@ def pipeline_throughput(
     while pipeline.waiting():
         done += sum(len(out.tags) for out in pipeline.step(flush=True))
     return done / (time.perf_counter() - start)
+
+
+def engine_closed_loop(
+    runtime: ModelRuntime,
+    bank: Bank,
+    index: int,
+    pngs: list[bytes],
+    concurrency: int,
+    clients_per_hey: int,
+    per_request: int,
+    seconds: float,
+) -> float:
+    """Images/s of the server's own batcher and pipeline, in this process, under a closed loop
+    of ``concurrency`` clients that each send their next request of ``per_request`` images the
+    moment the last is answered: the engine's share of the served figure, with no HTTP, no
+    channel between processes and no load generator to share the CPU with. The clients send
+    the images ``served_load`` sends (one body per ``clients_per_hey`` clients): the realised
+    MAC saving of a few bodies differs from the bank's (32 images: 1.95 against 2.02 predicted).
+    Settings as the server's."""
+    settings = runtime.settings
+    bodies = [decoder(runtime).batch([decoder(runtime).open(png) for png in pngs[i : i + per_request]])
+              for i in range(0, len(pngs) - per_request + 1, per_request)]  # fmt: skip
+    tier = Tier(bank, index)
+
+    async def drive() -> float:
+        batcher = DynamicBatcher(
+            EarlyExitPipeline(runtime.executor, settings.max_batch_size),
+            max_delay_s=settings.max_queue_delay_ms / 1e3,
+            max_wait_s=settings.max_pipeline_wait_ms / 1e3,
+            capacity=4 * concurrency,
+            position_offset=runtime.position_offset,
+        )
+        batcher.start()
+        warm_until = time.perf_counter() + min(1.0, seconds / 4)
+        end = warm_until + seconds
+        answered = 0
+
+        async def client(number: int) -> None:
+            nonlocal answered
+            images = bodies[number // clients_per_hey]
+            while time.perf_counter() < end:
+                job = batcher.submit(images, tier, False, False, batcher.reserve(per_request, 0))
+                await job.future
+                if warm_until <= time.perf_counter() <= end:  # answers inside the timed window
+                    answered += per_request
+
+        try:
+            await asyncio.gather(*(client(number) for number in range(concurrency)))
+        finally:
+            await batcher.stop()
+        return answered / seconds
+
+    return asyncio.run(drive())
 
 
 def http_floor(url: str, count: int) -> list[float]:
@@ -188,7 +255,12 @@ def main(
     tiers = {"top": top, "drop": drop}
     pngs = fashion_mnist_pngs(max(requests, 256))
     torch.set_num_threads(torch_threads)
-    settings = Settings(artifacts_dir=artifacts, admin_token="bench-" + "x" * 20, torch_threads=torch_threads)
+    settings = Settings(
+        artifacts_dir=artifacts,
+        admin_token="bench-" + "x" * 20,
+        torch_threads=torch_threads,
+        max_batch_size=max_batch_size,
+    )
     runtime = ModelRuntime(settings)
     runtime.warm_up(bank)
 
@@ -204,11 +276,15 @@ def main(
         figures[name]["pipeline_flushed_throughput"] = pipeline_throughput(
             runtime, pngs, config, max_batch_size, seconds / 2, flush_each=True
         )
+        figures[name]["engine_closed_loop_throughput"] = engine_closed_loop(
+            runtime, bank, index, pngs, concurrency, clients_per_hey, images_per_request, seconds / 2
+        )
 
     # Rounds alternate the tiers, so a drift of this host's speed (a noisy VM) hits both alike;
     # every served figure is the median over rounds, gains the median of each round's own ratio.
     runs: dict[str, dict[str, list[float]]] = {name: {} for name in tiers}
     with measured_server(artifacts, OUT / "serve-server.log", torch_threads, max_batch_size, http_workers) as server:
+        meter = CpuMeter(server.process.pid)
         floor_p50_ms = percentile_ms(http_floor(server.url, requests), 50)
         phases = [(name, index) for _ in range(rounds) for name, index in tiers.items()]
         for name, index in track(phases, description="serving", console=console):
@@ -218,7 +294,11 @@ def main(
             measured = {"served_p50_ms": percentile_ms(served, 50), "served_p95_ms": percentile_ms(served, 95)}
             for api, bodies in (("v1", png_bodies), ("v2", tensor_bodies)):
                 served_load(server.url, bodies, images_per_request, concurrency, 1.0, clients_per_hey)  # warm
+                before = meter.snapshot()
                 load = served_load(server.url, bodies, images_per_request, concurrency, seconds, clients_per_hey)
+                cpu = CpuMeter.per_request_ms(before, meter.snapshot(), load["requests"])
+                measured[f"{api}_cpu_busy_cores"] = cpu.pop("busy_cores")
+                measured |= {f"{api}_cpu_ms_per_request_{part}": value for part, value in cpu.items()}
                 measured[f"{api}_served_throughput"] = load["images_per_s"]
                 measured[f"{api}_load_p50_ms"] = load["p50_ms"]
                 measured[f"{api}_load_p95_ms"] = load["p95_ms"]
@@ -231,14 +311,18 @@ def main(
         figures[name]["v2_served_throughput_runs"] = runs[name]["v2_served_throughput"]
 
     table = Table("tier", "bank index", "rel. MACs", "accuracy", "bare p50 ms", "served p50 ms", "bare img/s",
-                  "pipeline img/s (flushed)", "v1 img/s", "v2 img/s", "v2 load p95 ms")  # fmt: skip
+                  "pipeline img/s (flushed)", "engine loop img/s", "v1 img/s", "v2 img/s", "v2 load p95 ms",
+                  "v2 CPU ms/req: main / other threads / workers / rest", "busy cores")  # fmt: skip
     for name, index in tiers.items():
         entry, f = bank.entries[index], figures[name]
+        cpu = " / ".join(f"{f[f'v2_cpu_ms_per_request_{part}']:.2f}" for part in CPU_PARTS)
         table.add_row(
             name, str(index), f"{entry.search.relative_macs:.3f}", f"{entry.search.accuracy:.4f}",
             f"{f['bare_p50_ms']:.2f}", f"{f['served_p50_ms']:.2f}", f"{f['bare_throughput']:.0f}",
             f"{f['pipeline_throughput']:.0f} ({f['pipeline_flushed_throughput']:.0f})",
+            f"{f['engine_closed_loop_throughput']:.0f}",
             f"{f['v1_served_throughput']:.0f}", f"{f['v2_served_throughput']:.0f}", f"{f['v2_load_p95_ms']:.1f}",
+            cpu, f"{f['v2_cpu_busy_cores']:.2f}",
         )  # fmt: skip
     console.print(table)
 
@@ -264,6 +348,11 @@ def main(
         "bare_gain": gain("bare_throughput"),
         "pipeline_gain": gain("pipeline_throughput"),
         "pipeline_flushed_gain": gain("pipeline_flushed_throughput"),
+        # The same batcher and clients in this process: what the engine alone keeps of the predicted
+        # gain; served / this is what the HTTP edge, the channel and the shared CPU keep of it.
+        "engine_closed_loop_over_predicted_gain": gain("engine_closed_loop_throughput") / predicted_gain,
+        "served_over_engine_closed_loop_gain": statistics.median(round_gains("v2_served_throughput"))
+        / gain("engine_closed_loop_throughput"),
         "rounds": rounds,
         "images_per_request": images_per_request,
         "concurrency": concurrency,

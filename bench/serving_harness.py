@@ -162,6 +162,64 @@ def host_and_load(load_before: tuple[float, float, float]) -> dict[str, object]:
     }
 
 
+class CpuMeter:
+    """CPU time under load, split by where it went: the server's main process (its main thread,
+    and its other threads: the engine's inference thread), its child processes (the HTTP
+    workers) and the rest of the machine (the load generator, this bench). From /proc, so a
+    figure says whether the engine, the edge or the client ran out of CPU, or nothing did."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, server_pid: int) -> None:
+        self.pid = server_pid
+
+    @classmethod
+    def _fields(cls, stat_path: str) -> list[str]:
+        return Path(stat_path).read_text().rsplit(")", 1)[1].split()
+
+    @classmethod
+    def _seconds(cls, stat_path: str, reaped_children: bool = False) -> float:
+        """utime + stime (a process's covers every thread it ran, ended ones too); with
+        ``reaped_children``, cutime + cstime instead: its children that have exited."""
+        fields = cls._fields(stat_path)
+        first = 13 if reaped_children else 11
+        return (int(fields[first]) + int(fields[first + 1])) / cls.TICK
+
+    @classmethod
+    def _machine_busy(cls) -> float:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return (sum(values) - values[3] - values[4]) / cls.TICK  # all but idle and iowait
+
+    def snapshot(self) -> dict[str, float]:
+        process = self._seconds(f"/proc/{self.pid}/stat")
+        main_thread = self._seconds(f"/proc/{self.pid}/task/{self.pid}/stat")
+        children = self._seconds(f"/proc/{self.pid}/stat", reaped_children=True)
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread or a child that just ended
+                for child in (task / "children").read_text().split():
+                    children += self._seconds(f"/proc/{child}/stat")
+        return {
+            "wall": time.perf_counter(),
+            "server_main_thread": main_thread,
+            "server_other_threads": process - main_thread,
+            "server_children": children,
+            "machine": self._machine_busy(),
+        }
+
+    @staticmethod
+    def per_request_ms(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+        """CPU ms per answered request of each part, and how many cores the machine kept busy."""
+        delta = {key: after[key] - before[key] for key in before}
+        own = delta["server_main_thread"] + delta["server_other_threads"] + delta["server_children"]
+        per = {
+            key: delta[key] / max(requests, 1) * 1e3
+            for key in ("server_main_thread", "server_other_threads", "server_children")
+        }
+        per["rest_of_machine"] = (delta["machine"] - own) / max(requests, 1) * 1e3
+        per["busy_cores"] = delta["machine"] / delta["wall"]
+        return per
+
+
 def percentile_ms(seconds: list[float], q: float) -> float:
     return float(np.percentile(seconds, q) * 1e3) if seconds else float("nan")
 
