@@ -134,22 +134,18 @@ def engine_closed_loop(
     runtime: ModelRuntime,
     bank: Bank,
     index: int,
-    pngs: list[bytes],
+    bodies: list[torch.Tensor],
     concurrency: int,
     clients_per_hey: int,
-    per_request: int,
     seconds: float,
 ) -> float:
     """Images/s of the server's own batcher and pipeline, in this process, under a closed loop
-    of ``concurrency`` clients that each send their next request of ``per_request`` images the
-    moment the last is answered: the engine's share of the served figure, with no HTTP, no
-    channel between processes and no load generator to share the CPU with. The clients send
-    the images ``served_load`` sends (one body per ``clients_per_hey`` clients): the realised
-    MAC saving of a few bodies differs from the bank's (32 images: 1.95 against 2.02 predicted).
-    Settings as the server's."""
+    of ``concurrency`` clients that each send their next request the moment the last is
+    answered: the engine's share of the served figure, with no HTTP, no channel between
+    processes and no load generator to share the CPU with. ``bodies``: the decoded images of
+    the requests ``served_load`` sends, one per ``clients_per_hey`` clients (the realised MAC
+    saving of a few bodies differs from the bank's). Settings as the server's."""
     settings = runtime.settings
-    bodies = [decoder(runtime).batch([decoder(runtime).open(png) for png in pngs[i : i + per_request]])
-              for i in range(0, len(pngs) - per_request + 1, per_request)]  # fmt: skip
     tier = Tier(bank, index)
 
     async def drive() -> float:
@@ -169,10 +165,10 @@ def engine_closed_loop(
             nonlocal answered
             images = bodies[number // clients_per_hey]
             while time.perf_counter() < end:
-                job = batcher.submit(images, tier, False, False, batcher.reserve(per_request, 0))
+                job = batcher.submit(images, tier, False, False, batcher.reserve(len(images), 0))
                 await job.future
                 if warm_until <= time.perf_counter() <= end:  # answers inside the timed window
-                    answered += per_request
+                    answered += len(images)
 
         try:
             await asyncio.gather(*(client(number) for number in range(concurrency)))
@@ -266,7 +262,10 @@ def main(
     bank = load_bank(artifacts)
     top, drop = bank.most_accurate(), drop_tier(bank, max_drop)
     tiers = {"top": top, "drop": drop}
-    pngs = fashion_mnist_pngs(max(requests, 256, concurrency_bodies(concurrency, clients_per_hey) * images_per_request))
+    # The images the load phases send: one body per hey process. Their realised MAC saving is
+    # what the served gain can at best reach; the bank's figure is over the whole test split.
+    served_images = concurrency_bodies(concurrency, clients_per_hey) * images_per_request
+    pngs = fashion_mnist_pngs(max(requests, 256, served_images))
     torch.set_num_threads(torch_threads)
     settings = Settings(
         artifacts_dir=artifacts,
@@ -280,10 +279,11 @@ def main(
     png_bodies = v1_bodies(pngs, images_per_request)
     tensor_bodies = v2_bodies(runtime, pngs, images_per_request, settings.model_name)
     figures: dict[str, dict[str, float]] = {name: {} for name in tiers}
-    # The images the load phases send: one body per hey process. Their realised MAC saving is
-    # what the served gain can at best reach; the bank's figure is over the whole test split.
-    served_images = concurrency_bodies(concurrency, clients_per_hey) * images_per_request
-    sample = torch.stack([decoder(runtime)(png) for png in pngs[:served_images]])
+    served_bodies = [
+        decoder(runtime).batch([decoder(runtime).open(png) for png in pngs[start : start + images_per_request]])
+        for start in range(0, served_images, images_per_request)
+    ]
+    sample = torch.cat(served_bodies)
     for name, index in tiers.items():
         config = bank.entries[index].config
         figures[name]["sample_relative_macs"] = float(runtime.run(sample, config).relative_macs.mean())
@@ -298,7 +298,7 @@ def main(
             runtime, pngs, config, max_batch_size, seconds / 2, flush_each=True
         )
         figures[name]["engine_closed_loop_throughput"] = engine_closed_loop(
-            runtime, bank, index, pngs, concurrency, clients_per_hey, images_per_request, seconds / 2
+            runtime, bank, index, served_bodies, concurrency, clients_per_hey, seconds / 2
         )
 
     # Rounds alternate the tiers, so a drift of this host's speed (a noisy VM) hits both alike;

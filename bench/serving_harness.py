@@ -174,14 +174,10 @@ class CpuMeter:
         self.pid = server_pid
 
     @classmethod
-    def _fields(cls, stat_path: str) -> list[str]:
-        return Path(stat_path).read_text().rsplit(")", 1)[1].split()
-
-    @classmethod
     def _seconds(cls, stat_path: str, reaped_children: bool = False) -> float:
         """utime + stime (a process's covers every thread it ran, ended ones too); with
         ``reaped_children``, cutime + cstime instead: its children that have exited."""
-        fields = cls._fields(stat_path)
+        fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
         first = 13 if reaped_children else 11
         return (int(fields[first]) + int(fields[first + 1])) / cls.TICK
 
@@ -195,8 +191,11 @@ class CpuMeter:
         main_thread = self._seconds(f"/proc/{self.pid}/task/{self.pid}/stat")
         children = self._seconds(f"/proc/{self.pid}/stat", reaped_children=True)
         for task in Path(f"/proc/{self.pid}/task").iterdir():
-            with contextlib.suppress(OSError):  # a thread or a child that just ended
-                for child in (task / "children").read_text().split():
+            live: list[str] = []
+            with contextlib.suppress(OSError):  # a thread that just ended
+                live = (task / "children").read_text().split()
+            for child in live:
+                with contextlib.suppress(OSError):  # a child that just ended
                     children += self._seconds(f"/proc/{child}/stat")
         return {
             "wall": time.perf_counter(),
